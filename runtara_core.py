@@ -1,0 +1,2039 @@
+"""runtara-core: a durable execution engine in one module.
+
+Workflow instances talk to it over QUIC (see PROTOCOL.md) to save checkpoints, sleep durably,
+report events and receive cancel/pause/resume signals; it keeps all of that in SQLite (WAL,
+through apsw) or PostgreSQL (psycopg 3), chosen by the database URL.
+
+Sections, each using only those above it:
+
+    1. Settings      5. Core semantics
+    2. Errors        6. QUIC server
+    3. Wire format   7. Client SDK (QUIC and embedded backends)
+    4. Storage       8. CLI, main()
+
+Copyright (C) 2026 the runtara-core authors. AGPL-3.0-or-later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime
+import functools
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import queue
+import re
+import shlex
+import signal as signal_module
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+
+__version__ = "0.1.0"
+log = logging.getLogger("runtara")
+
+
+# =============================================================================================
+# 1. Settings
+# =============================================================================================
+
+DEFAULT_DATABASE_URL = "sqlite:///runtara.db"
+MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _env_int(env, name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, not {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, not {value}")
+    return value
+
+
+@dataclasses.dataclass
+class Settings:
+    """Everything the server reads from its environment; `serve` options override it."""
+
+    database_url: str = DEFAULT_DATABASE_URL
+    host: str = "127.0.0.1"
+    port: int = 8001
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    secret: str | None = None
+    insecure: bool = False
+    max_message_bytes: int = MAX_PAYLOAD_BYTES
+    max_concurrent_instances: int = 32
+    sleep_inline_max_ms: int = 60_000
+    heartbeat_timeout_ms: int = 120_000
+    wake_interval_ms: int = 1_000
+    launch_command: str | None = None
+    launch_timeout_ms: int = 30_000
+    sqlite_synchronous: str = "FULL"
+
+    @classmethod
+    def from_env(cls, env=None, **overrides) -> "Settings":
+        env = os.environ if env is None else env
+        settings = cls(
+            database_url=env.get("RUNTARA_DATABASE_URL") or DEFAULT_DATABASE_URL,
+            host=env.get("RUNTARA_HOST") or "127.0.0.1",
+            port=_env_int(env, "RUNTARA_QUIC_PORT", 8001),
+            tls_cert=env.get("RUNTARA_TLS_CERT") or None,
+            tls_key=env.get("RUNTARA_TLS_KEY") or None,
+            secret=env.get("RUNTARA_SECRET") or None,
+            max_message_bytes=_env_int(env, "RUNTARA_MAX_MESSAGE_BYTES", MAX_PAYLOAD_BYTES),
+            max_concurrent_instances=_env_int(env, "RUNTARA_MAX_CONCURRENT_INSTANCES", 32),
+            sleep_inline_max_ms=_env_int(env, "RUNTARA_SLEEP_INLINE_MAX_MS", 60_000),
+            heartbeat_timeout_ms=_env_int(env, "RUNTARA_HEARTBEAT_TIMEOUT_MS", 120_000),
+            wake_interval_ms=_env_int(env, "RUNTARA_WAKE_INTERVAL_MS", 1_000),
+            launch_command=env.get("RUNTARA_LAUNCH_COMMAND") or None,
+            launch_timeout_ms=_env_int(env, "RUNTARA_LAUNCH_TIMEOUT_MS", 30_000),
+            sqlite_synchronous=(env.get("RUNTARA_SQLITE_SYNCHRONOUS") or "FULL").upper(),
+        )
+        settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not 1 <= self.max_message_bytes <= MAX_PAYLOAD_BYTES:
+            raise ValueError(f"RUNTARA_MAX_MESSAGE_BYTES must be between 1 and {MAX_PAYLOAD_BYTES}")
+        if self.sqlite_synchronous not in ("FULL", "NORMAL"):
+            raise ValueError("RUNTARA_SQLITE_SYNCHRONOUS must be FULL or NORMAL")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"RUNTARA_QUIC_PORT must be a UDP port number, not {self.port}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("RUNTARA_TLS_CERT and RUNTARA_TLS_KEY must be set together")
+
+
+# =============================================================================================
+# 2. Errors
+# =============================================================================================
+
+
+class RuntaraError(Exception):
+    """An error with a wire code (PROTOCOL.md section 3); `str(error)` is the sentence for people."""
+
+    code = "INTERNAL"
+
+
+class InvalidRequest(RuntaraError):
+    code = "INVALID_REQUEST"
+
+
+class FrameTooLarge(RuntaraError):
+    code = "FRAME_TOO_LARGE"
+
+
+class Unauthorized(RuntaraError):
+    code = "UNAUTHORIZED"
+
+
+class InstanceNotFound(RuntaraError):
+    code = "INSTANCE_NOT_FOUND"
+
+
+class CheckpointNotFound(RuntaraError):
+    code = "CHECKPOINT_NOT_FOUND"
+
+
+class TenantMismatch(RuntaraError):
+    code = "TENANT_MISMATCH"
+
+
+class InvalidState(RuntaraError):
+    code = "INVALID_STATE"
+
+
+class Overloaded(RuntaraError):
+    code = "OVERLOADED"
+
+
+class StorageError(RuntaraError):
+    """The database could not be opened, migrated or reached."""
+
+
+class ConnectionLost(RuntaraError):
+    """The client's connection to the server failed or closed before the answer came."""
+
+
+ERRORS_BY_CODE = {
+    cls.code: cls
+    for cls in (InvalidRequest, FrameTooLarge, Unauthorized, InstanceNotFound, CheckpointNotFound,
+                TenantMismatch, InvalidState, Overloaded, RuntaraError)
+}
+
+
+def error_from_wire(code: str, message: str) -> RuntaraError:
+    error = ERRORS_BY_CODE.get(code, RuntaraError)(message)
+    error.code = code  # keep a code this version does not know
+    return error
+
+
+# =============================================================================================
+# 3. Wire format: frames and messages, pure functions over bytes
+# =============================================================================================
+
+FRAME_HEADER = struct.Struct(">IH")
+FRAME_REQUEST, FRAME_RESPONSE, FRAME_ERROR = 1, 2, 6
+FRAME_TYPES = (FRAME_REQUEST, FRAME_RESPONSE, FRAME_ERROR)
+ALPN = "runtara/1"
+MAX_ID_BYTES = 512
+
+STATUSES = ("pending", "running", "suspended", "completed", "failed", "cancelled")
+TERMINAL = ("completed", "failed", "cancelled")
+ACTIVE = ("pending", "running", "suspended")
+SIGNAL_TYPES = ("cancel", "pause", "resume")
+EVENT_TYPES = ("heartbeat", "completed", "failed", "suspended", "custom")
+
+
+def encode_frame(frame_type: int, message: dict) -> bytes:
+    payload = msgpack.packb(message, use_bin_type=True)
+    return FRAME_HEADER.pack(len(payload), frame_type) + payload
+
+
+def encode_error(error: RuntaraError) -> bytes:
+    return encode_frame(FRAME_ERROR, {"code": error.code, "message": str(error)})
+
+
+class FrameReader:
+    """Collects one frame from a stream's bytes; rejects it as early as the bytes allow.
+
+    feed() returns the (frame_type, message) once the frame is whole and the stream finished,
+    None while more is needed, and raises InvalidRequest / FrameTooLarge for a bad frame.
+    """
+
+    __slots__ = ("max_payload", "buffer", "length", "frame_type")
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD_BYTES):
+        self.max_payload = max_payload
+        self.buffer = bytearray()
+        self.length = None
+        self.frame_type = None
+
+    def feed(self, data: bytes, end: bool):
+        self.buffer += data
+        if self.length is None and len(self.buffer) >= FRAME_HEADER.size:
+            self.length, self.frame_type = FRAME_HEADER.unpack_from(self.buffer)
+            if self.length > self.max_payload:
+                raise FrameTooLarge(f"frame announces {self.length} bytes; the maximum is {self.max_payload}")
+            if self.frame_type not in FRAME_TYPES:
+                raise InvalidRequest(f"unknown frame type {self.frame_type}")
+        if self.length is not None and len(self.buffer) > FRAME_HEADER.size + self.length:
+            raise InvalidRequest("bytes after the frame; a stream carries exactly one frame")
+        if not end:
+            return None
+        if self.length is None or len(self.buffer) < FRAME_HEADER.size + self.length:
+            raise InvalidRequest(f"truncated frame: the stream ended after {len(self.buffer)} bytes")
+        return self.frame_type, decode_payload(bytes(self.buffer[FRAME_HEADER.size:]))
+
+
+def decode_payload(payload: bytes) -> dict:
+    try:
+        message = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise InvalidRequest(f"payload is not valid msgpack: {exc}") from None
+    if not isinstance(message, dict):
+        raise InvalidRequest(f"payload must be a msgpack map, not {type(message).__name__}")
+    return message
+
+
+def decode_frame(data: bytes, max_payload: int = MAX_PAYLOAD_BYTES) -> tuple[int, dict]:
+    """Decode one whole frame held in `data`."""
+    return FrameReader(max_payload).feed(data, end=True)
+
+
+# Field checks: each returns the value or raises InvalidRequest naming the field.
+
+
+def _check(ok: bool, field: str, what: str):
+    if not ok:
+        raise InvalidRequest(f"field {field!r} must be {what}")
+
+
+def check_id(value, field):
+    _check(isinstance(value, str) and value != "" and len(value.encode()) <= MAX_ID_BYTES,
+           field, f"a non-empty string of at most {MAX_ID_BYTES} bytes")
+    return value
+
+
+def check_text(value, field):
+    _check(isinstance(value, str), field, "a string")
+    return value
+
+
+def check_bin(value, field):
+    _check(isinstance(value, (bytes, bytearray)), field, "binary (msgpack bin)")
+    return bytes(value)
+
+
+def check_uint(value, field):
+    _check(type(value) is int and 0 <= value < 2**63, field, "a non-negative integer")
+    return value
+
+
+def check_bool(value, field):
+    _check(isinstance(value, bool), field, "true or false")
+    return value
+
+
+def check_limit(value, field):
+    _check(type(value) is int and 1 <= value <= 1000, field, "an integer from 1 to 1000")
+    return value
+
+
+def one_of(choices):
+    def check(value, field):
+        _check(value in choices, field, "one of " + ", ".join(choices))
+        return value
+    return check
+
+
+def check_events(value, field):
+    _check(isinstance(value, list) and len(value) > 0, field, "a non-empty array of event maps")
+    events = []
+    for index, event in enumerate(value):
+        _check(isinstance(event, dict), f"{field}[{index}]", "a map")
+        events.append(parse_fields(OPERATIONS["instance_event"], event))
+    return events
+
+
+REQUIRED, OPTIONAL = True, False
+_instance = {"instance_id": (check_id, REQUIRED)}
+_paging = {"limit": (check_limit, OPTIONAL), "offset": (check_uint, OPTIONAL)}
+
+OPERATIONS: dict[str, dict[str, tuple[Callable, bool]]] = {
+    # Section 3.1: workflow instances.
+    "register_instance": {**_instance, "tenant_id": (check_id, REQUIRED), "checkpoint_id": (check_id, OPTIONAL)},
+    "checkpoint": {**_instance, "checkpoint_id": (check_id, REQUIRED), "state": (check_bin, REQUIRED)},
+    "get_checkpoint": {**_instance, "checkpoint_id": (check_id, REQUIRED)},
+    "sleep": {**_instance, "checkpoint_id": (check_id, REQUIRED), "state": (check_bin, REQUIRED),
+              "duration_ms": (check_uint, REQUIRED)},
+    "instance_event": {**_instance, "event_type": (one_of(EVENT_TYPES), REQUIRED), "payload": (check_bin, OPTIONAL),
+                       "subtype": (check_text, OPTIONAL), "checkpoint_id": (check_id, OPTIONAL),
+                       "timestamp_ms": (check_uint, OPTIONAL)},
+    "instance_event_batch": {"events": (check_events, REQUIRED)},
+    "get_instance_status": {**_instance},
+    "poll_signals": {**_instance, "checkpoint_id": (check_id, OPTIONAL)},
+    "signal_ack": {**_instance, "signal_type": (one_of(SIGNAL_TYPES), REQUIRED),
+                   "acknowledged": (check_bool, REQUIRED)},
+    "retry_attempt": {**_instance, "checkpoint_id": (check_id, REQUIRED), "attempt_number": (check_uint, REQUIRED),
+                      "error_message": (check_text, OPTIONAL), "timestamp_ms": (check_uint, OPTIONAL)},
+    # Section 3.2: operators.
+    "health_check": {},
+    "send_signal": {**_instance, "signal_type": (one_of(SIGNAL_TYPES), REQUIRED), "payload": (check_bin, OPTIONAL)},
+    "send_custom_signal": {**_instance, "checkpoint_id": (check_id, REQUIRED), "payload": (check_bin, OPTIONAL)},
+    "list_instances": {"tenant_id": (check_id, OPTIONAL), "status": (one_of(STATUSES), OPTIONAL), **_paging},
+    "list_checkpoints": {**_instance, **_paging},
+    "list_events": {**_instance, "event_type": (check_text, OPTIONAL), "subtype": (check_text, OPTIONAL), **_paging},
+}
+OPERATOR_OPERATIONS = frozenset(("health_check", "send_signal", "send_custom_signal", "list_instances",
+                                 "list_checkpoints", "list_events"))
+
+
+def parse_fields(spec: dict, message: dict) -> dict:
+    fields = {}
+    for name, (check, required) in spec.items():
+        value = message.get(name)
+        if value is None:
+            if required:
+                raise InvalidRequest(f"missing required field {name!r}")
+            fields[name] = None
+        else:
+            fields[name] = check(value, name)
+    return fields
+
+
+def parse_request(message: dict) -> tuple[str, dict, str | None]:
+    """Validate a request map: (op, its fields, the token if any). Unknown keys are ignored."""
+    op = message.get("op")
+    if not isinstance(op, str):
+        raise InvalidRequest("missing field 'op'")
+    spec = OPERATIONS.get(op)
+    if spec is None:
+        raise InvalidRequest(f"unknown op {op!r}")
+    token = message.get("token")
+    if token is not None:
+        check_text(token, "token")
+    return op, parse_fields(spec, message), token
+
+
+# =============================================================================================
+# 4. Storage: one interface, two dialects (SQLite through apsw, PostgreSQL through psycopg 3)
+# =============================================================================================
+
+SCHEMA_DIRS = (
+    Path(os.environ.get("RUNTARA_SCHEMA_DIR", "")) if os.environ.get("RUNTARA_SCHEMA_DIR") else None,
+    Path(__file__).resolve().parent / "schema",
+    Path(sys.prefix) / "share" / "runtara-core" / "schema",  # where the wheel installs it
+)
+MIGRATION_FILE = re.compile(r"^(\d+)_(\w+)\.sql$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dialect:
+    """What differs between the two databases is data, not code paths."""
+
+    name: str
+    placeholder: str
+    lock_row: str          # appended to a SELECT that must hold the row until commit
+    skip_locked: str       # appended to a SELECT that claims rows other servers may be claiming
+    migration_lock: str    # run first in every migration transaction
+    database_size: str
+
+    @functools.lru_cache(maxsize=None)
+    def sql(self, statement: str) -> str:
+        return statement if self.placeholder == "?" else statement.replace("?", self.placeholder)
+
+
+SQLITE = Dialect("sqlite", "?", "", "", "SELECT 1",
+                 "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()")
+POSTGRESQL = Dialect("postgresql", "%s", " FOR UPDATE", " FOR UPDATE SKIP LOCKED",
+                     "SELECT pg_advisory_xact_lock(7361746172)",  # one migrator at a time per database
+                     "SELECT pg_database_size(current_database())")
+
+INSTANCE_COLUMNS = ("instance_id", "tenant_id", "status", "checkpoint_id", "created_at_ms", "started_at_ms",
+                    "finished_at_ms", "heartbeat_at_ms", "sleep_until_ms", "output", "error")
+_INSTANCE_SELECT = "SELECT " + ", ".join(INSTANCE_COLUMNS) + " FROM instances"
+
+
+def _filters(**conditions) -> tuple[str, tuple]:
+    """A WHERE clause from `column_op=value` pairs, leaving out the None ones."""
+    clauses, args = [], []
+    for key, value in conditions.items():
+        if value is not None:
+            column, _, op = key.partition("__")
+            clauses.append(f"{column} {'>=' if op == 'since' else '='} ?")
+            args.append(value)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(args)
+
+
+class Tx:
+    """One transaction: the storage operations, written once for both dialects.
+
+    Every guarded transition is one conditional statement, so it cannot race with another.
+    """
+
+    __slots__ = ("dialect", "_run")
+
+    def __init__(self, dialect: Dialect, run: Callable[[str, tuple], list]):
+        self.dialect = dialect
+        self._run = run
+
+    def rows(self, statement: str, *args) -> list[tuple]:
+        return self._run(self.dialect.sql(statement), args)
+
+    def row(self, statement: str, *args) -> tuple | None:
+        rows = self.rows(statement, *args)
+        return rows[0] if rows else None
+
+    def script(self, statements: str) -> None:
+        """Run several statements at once; no parameters, so none are parsed."""
+        self._run(statements, None)
+
+    def value(self, statement: str, *args):
+        row = self.row(statement, *args)
+        return row[0] if row else None
+
+    # -- instances --------------------------------------------------------------------------
+
+    def create_instance(self, instance_id: str, tenant_id: str, now: int) -> bool:
+        """Create a pending instance unless it exists; True when it was created."""
+        return bool(self.rows("INSERT INTO instances (instance_id, tenant_id, status, created_at_ms)"
+                              " VALUES (?, ?, 'pending', ?) ON CONFLICT (instance_id) DO NOTHING"
+                              " RETURNING 1", instance_id, tenant_id, now))
+
+    def get_instance(self, instance_id: str, lock: bool = False) -> dict | None:
+        row = self.row(_INSTANCE_SELECT + " WHERE instance_id = ?" + (self.dialect.lock_row if lock else ""),
+                       instance_id)
+        return dict(zip(INSTANCE_COLUMNS, row)) if row else None
+
+    def start_instance(self, instance_id: str, tenant_id: str, now: int) -> bool:
+        """pending/running/suspended -> running, stamping the first start; True when it moved."""
+        return bool(self.rows("UPDATE instances SET status = 'running', started_at_ms = COALESCE(started_at_ms, ?),"
+                              " heartbeat_at_ms = ? WHERE instance_id = ? AND tenant_id = ?"
+                              " AND status IN ('pending', 'running', 'suspended') RETURNING 1",
+                              now, now, instance_id, tenant_id))
+
+    def transition(self, instance_id: str, to_status: str, from_statuses: tuple, now: int,
+                   output: bytes | None = None, error: str | None = None) -> bool:
+        """Move the instance to `to_status` if it is in one of `from_statuses`; terminal ones finish it."""
+        finished = now if to_status in TERMINAL else None
+        marks = ", ".join("?" * len(from_statuses))
+        return bool(self.rows(f"UPDATE instances SET status = ?, finished_at_ms = COALESCE(?, finished_at_ms),"
+                              f" output = COALESCE(?, output), error = COALESCE(?, error), heartbeat_at_ms = ?"
+                              f" WHERE instance_id = ? AND status IN ({marks}) RETURNING 1",
+                              to_status, finished, output, error, now, instance_id, *from_statuses))
+
+    def count_running(self) -> int:
+        return self.value("SELECT count(*) FROM instances WHERE status = 'running'")
+
+    def touch_heartbeat(self, instance_id: str, now: int) -> bool:
+        return bool(self.rows("UPDATE instances SET heartbeat_at_ms = ? WHERE instance_id = ? RETURNING 1",
+                              now, instance_id))
+
+    def fail_stale(self, cutoff: int, now: int) -> list[tuple[str, int]]:
+        """Fail running instances silent since before `cutoff`: [(instance_id, last sign of life)]."""
+        stale = self.rows("UPDATE instances SET status = 'failed', finished_at_ms = ?"
+                          " WHERE status = 'running' AND COALESCE(heartbeat_at_ms, started_at_ms, created_at_ms) < ?"
+                          " RETURNING instance_id, COALESCE(heartbeat_at_ms, started_at_ms, created_at_ms)",
+                          now, cutoff)
+        for instance_id, since in stale:
+            when = datetime.datetime.fromtimestamp(since / 1000, datetime.timezone.utc).isoformat(timespec="seconds")
+            self.rows("UPDATE instances SET error = ? WHERE instance_id = ?",
+                      f"stale: no heartbeat, checkpoint or event since {when}", instance_id)
+        return stale
+
+    def list_instances(self, tenant_id=None, status=None, since=None, limit=100, offset=0) -> list[dict]:
+        where, args = _filters(tenant_id=tenant_id, status=status, created_at_ms__since=since)
+        rows = self.rows(_INSTANCE_SELECT + where + " ORDER BY created_at_ms DESC, instance_id LIMIT ? OFFSET ?",
+                         *args, limit, offset)
+        return [dict(zip(INSTANCE_COLUMNS, row)) for row in rows]
+
+    def count_instances(self, tenant_id=None, status=None, since=None) -> int:
+        where, args = _filters(tenant_id=tenant_id, status=status, created_at_ms__since=since)
+        return self.value("SELECT count(*) FROM instances" + where, *args)
+
+    def count_by_status(self) -> dict[str, int]:
+        return dict(self.rows("SELECT status, count(*) FROM instances GROUP BY status"))
+
+    def delete_instance(self, instance_id: str) -> bool:
+        """Delete an instance with its checkpoints, events and signals (by cascade)."""
+        return bool(self.rows("DELETE FROM instances WHERE instance_id = ? RETURNING 1", instance_id))
+
+    def delete_finished(self, before: int, limit: int) -> list[str]:
+        """Delete up to `limit` terminal instances finished before `before`; their ids."""
+        return [row[0] for row in self.rows(
+            "DELETE FROM instances WHERE instance_id IN (SELECT instance_id FROM instances"
+            " WHERE status IN ('completed', 'failed', 'cancelled') AND finished_at_ms < ? LIMIT ?)"
+            " RETURNING instance_id", before, limit)]
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(self, instance_id: str, checkpoint_id: str, state: bytes, now: int) -> bytes | None:
+        """Save `state` unless this checkpoint id has one: None when saved, else the first state, forever."""
+        if self.rows("INSERT INTO checkpoints (instance_id, checkpoint_id, state, created_at_ms) VALUES (?, ?, ?, ?)"
+                     " ON CONFLICT (instance_id, checkpoint_id) DO NOTHING RETURNING 1",
+                     instance_id, checkpoint_id, state, now):
+            self.rows("UPDATE instances SET checkpoint_id = ?, heartbeat_at_ms = ? WHERE instance_id = ?",
+                      checkpoint_id, now, instance_id)
+            return None
+        self.touch_heartbeat(instance_id, now)
+        return self.get_checkpoint(instance_id, checkpoint_id)
+
+    def get_checkpoint(self, instance_id: str, checkpoint_id: str) -> bytes | None:
+        return self.value("SELECT state FROM checkpoints WHERE instance_id = ? AND checkpoint_id = ?",
+                          instance_id, checkpoint_id)
+
+    def list_checkpoints(self, instance_id: str, limit=100, offset=0) -> list[dict]:
+        rows = self.rows("SELECT checkpoint_id, created_at_ms, length(state) FROM checkpoints WHERE instance_id = ?"
+                         " ORDER BY id DESC LIMIT ? OFFSET ?", instance_id, limit, offset)
+        return [{"checkpoint_id": c, "created_at_ms": t, "size": s} for c, t, s in rows]
+
+    def count_checkpoints(self, instance_id: str | None = None) -> int:
+        where, args = _filters(instance_id=instance_id)
+        return self.value("SELECT count(*) FROM checkpoints" + where, *args)
+
+    # -- events -----------------------------------------------------------------------------
+
+    def insert_event(self, instance_id: str, event_type: str, now: int, subtype: str | None = None,
+                     checkpoint_id: str | None = None, payload: bytes | None = None) -> None:
+        self.rows("INSERT INTO events (instance_id, event_type, subtype, checkpoint_id, payload, created_at_ms)"
+                  " VALUES (?, ?, ?, ?, ?, ?)", instance_id, event_type, subtype, checkpoint_id, payload, now)
+
+    def list_events(self, instance_id: str, event_type=None, subtype=None, limit=100, offset=0) -> list[dict]:
+        where, args = _filters(instance_id=instance_id, event_type=event_type, subtype=subtype)
+        rows = self.rows("SELECT id, event_type, subtype, checkpoint_id, payload, created_at_ms FROM events" + where
+                         + " ORDER BY id DESC LIMIT ? OFFSET ?", *args, limit, offset)
+        keys = ("id", "event_type", "subtype", "checkpoint_id", "payload", "created_at_ms")
+        return [dict(zip(keys, row)) for row in rows]
+
+    def count_events(self, instance_id: str | None = None, event_type=None, subtype=None) -> int:
+        where, args = _filters(instance_id=instance_id, event_type=event_type, subtype=subtype)
+        return self.value("SELECT count(*) FROM events" + where, *args)
+
+    # -- signals ----------------------------------------------------------------------------
+
+    def put_signal(self, instance_id: str, signal_type: str, payload: bytes, now: int) -> None:
+        """Make this the instance's one pending signal, replacing an older one."""
+        self.rows("INSERT INTO signals (instance_id, signal_type, payload, created_at_ms) VALUES (?, ?, ?, ?)"
+                  " ON CONFLICT (instance_id) DO UPDATE SET signal_type = excluded.signal_type,"
+                  " payload = excluded.payload, created_at_ms = excluded.created_at_ms",
+                  instance_id, signal_type, payload, now)
+
+    def get_signal(self, instance_id: str) -> dict | None:
+        row = self.row("SELECT signal_type, payload, created_at_ms FROM signals WHERE instance_id = ?", instance_id)
+        return dict(zip(("signal_type", "payload", "created_at_ms"), row)) if row else None
+
+    def ack_signal(self, instance_id: str, signal_type: str) -> bool:
+        """Clear the pending signal if it is of `signal_type`; True when it was."""
+        return bool(self.rows("DELETE FROM signals WHERE instance_id = ? AND signal_type = ? RETURNING 1",
+                              instance_id, signal_type))
+
+    def put_custom_signal(self, instance_id: str, checkpoint_id: str, payload: bytes, now: int) -> None:
+        self.rows("INSERT INTO custom_signals (instance_id, checkpoint_id, payload, created_at_ms) VALUES (?, ?, ?, ?)"
+                  " ON CONFLICT (instance_id, checkpoint_id) DO UPDATE SET payload = excluded.payload,"
+                  " created_at_ms = excluded.created_at_ms", instance_id, checkpoint_id, payload, now)
+
+    def take_custom_signal(self, instance_id: str, checkpoint_id: str) -> bytes | None:
+        """Read and delete the custom signal waiting on this checkpoint id: delivered once."""
+        return self.value("DELETE FROM custom_signals WHERE instance_id = ? AND checkpoint_id = ? RETURNING payload",
+                          instance_id, checkpoint_id)
+
+    # -- sleep and wake ---------------------------------------------------------------------
+
+    def set_sleep(self, instance_id: str, until: int) -> None:
+        self.rows("UPDATE instances SET sleep_until_ms = ? WHERE instance_id = ?", until, instance_id)
+
+    def clear_sleep(self, instance_id: str) -> None:
+        self.rows("UPDATE instances SET sleep_until_ms = NULL WHERE instance_id = ?", instance_id)
+
+    def due_wakes(self, now: int, limit: int = 100) -> list[dict]:
+        """Suspended instances whose wake time has passed or that have a pending resume."""
+        rows = self.rows(_INSTANCE_SELECT + " WHERE status = 'suspended' AND (sleep_until_ms <= ? OR instance_id IN"
+                         " (SELECT instance_id FROM signals WHERE signal_type = 'resume'))"
+                         " ORDER BY sleep_until_ms LIMIT ?", now, limit)
+        return [dict(zip(INSTANCE_COLUMNS, row)) for row in rows]
+
+    # -- whole database ---------------------------------------------------------------------
+
+    def health(self) -> bool:
+        return self.value("SELECT 1") == 1
+
+    def database_size(self) -> int:
+        return self.value(self.dialect.database_size)
+
+
+def schema_dir() -> Path:
+    for candidate in SCHEMA_DIRS:
+        if candidate is not None and candidate.is_dir():
+            return candidate
+    raise StorageError("cannot find the schema/ folder of migrations; set RUNTARA_SCHEMA_DIR")
+
+
+def known_migrations(dialect: Dialect) -> list[tuple[int, str, str]]:
+    """[(version, name, sql)] from schema/<dialect>/NNN_name.sql, in order."""
+    found = []
+    for path in sorted((schema_dir() / dialect.name).glob("*.sql")):
+        match = MIGRATION_FILE.match(path.name)
+        if match:
+            found.append((int(match[1]), match[2], path.read_text()))
+    return found
+
+
+def _record_table(tx: Tx) -> None:
+    tx.rows(tx.dialect.migration_lock)
+    tx.rows("CREATE TABLE IF NOT EXISTS runtara_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL,"
+            " applied_at_ms BIGINT NOT NULL)")
+
+
+def _applied_migrations(tx: Tx) -> dict[int, tuple[str, int]]:
+    _record_table(tx)
+    return {version: (name, at) for version, name, at in
+            tx.rows("SELECT version, name, applied_at_ms FROM runtara_migrations")}
+
+
+def _apply_migration(tx: Tx, version: int, name: str, sql: str) -> bool:
+    if version in _applied_migrations(tx):  # another process applied it while we waited for the lock
+        return False
+    tx.script(sql)
+    tx.rows("INSERT INTO runtara_migrations (version, name, applied_at_ms) VALUES (?, ?, ?)", version, name, now_ms())
+    return True
+
+
+class Storage:
+    """The database behind the engine: `write(fn, ...)` and `read(fn, ...)` run `fn(tx, ...)` in a
+    transaction on a database thread and return a concurrent.futures.Future of its result.
+
+    Writes that fail roll back alone; a caller's future resolves only after its commit is durable.
+    """
+
+    dialect: Dialect
+
+    def write(self, fn: Callable, *args, **kwargs) -> concurrent.futures.Future:
+        raise NotImplementedError
+
+    def read(self, fn: Callable, *args, **kwargs) -> concurrent.futures.Future:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def migration_status(self) -> list[tuple[int, str, int | None]]:
+        """[(version, name, applied_at_ms or None)] for every migration, known or recorded."""
+        applied = self.write(_applied_migrations).result()
+        known = {version: name for version, name, _ in known_migrations(self.dialect)}
+        unknown = sorted(set(applied) - set(known))
+        if unknown:
+            version = unknown[0]
+            raise StorageError(f"the database has migration {version:03d}_{applied[version][0]}, which this version"
+                               f" of runtara-core ({__version__}) does not know; upgrade runtara-core")
+        return [(version, name, applied.get(version, (None, None))[1]) for version, name in sorted(known.items())]
+
+    def migrate(self, progress: Callable[[int, str], None] | None = None) -> list[int]:
+        """Apply pending migrations, each in its own transaction; the versions applied."""
+        pending = [version for version, _, at in self.migration_status() if at is None]
+        done = []
+        for version, name, sql in known_migrations(self.dialect):
+            if version in pending:
+                if progress:
+                    progress(version, name)
+                if self.write(_apply_migration, version, name, sql).result():
+                    log.info("applied migration %03d_%s", version, name)
+                    done.append(version)
+        return done
+
+
+def _sqlite_rows(connection, statement: str, args: tuple) -> list:
+    return list(connection.execute(statement, args or None))
+
+
+class SQLiteStorage(Storage):
+    """SQLite in WAL mode: one writer thread with group commit, a few reader threads."""
+
+    dialect = SQLITE
+
+    def __init__(self, path: str, synchronous: str = "FULL", create: bool = True, readers: int = 4):
+        import apsw
+
+        self._apsw = apsw
+        self.path = path
+        self.synchronous = synchronous
+        if not create and path != ":memory:" and not os.path.exists(path):
+            raise StorageError(f"no database at {path}; start the server (or run 'migrate') to create it")
+        self._writes: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer_conn = self._connect(create)
+        self._readers = []
+        self._reader_local = threading.local()
+        self._reader_pool = concurrent.futures.ThreadPoolExecutor(readers, thread_name_prefix="runtara-read")
+        self._writer = threading.Thread(target=self._write_loop, name="runtara-write", daemon=True)
+        self._writer.start()
+
+    def _connect(self, create: bool):
+        apsw = self._apsw
+        flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
+        try:
+            conn = apsw.Connection(self.path, flags=flags)
+            conn.setbusytimeout(10_000)
+            conn.execute("PRAGMA journal_mode = WAL").fetchall()
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute("PRAGMA foreign_keys = ON")
+        except apsw.Error as exc:
+            raise StorageError(f"cannot open SQLite database {self.path}: {exc}") from None
+        return conn
+
+    # Writes: everything queued while the last commit ran goes into the next transaction.
+
+    def write(self, fn, *args, **kwargs):
+        future = concurrent.futures.Future()
+        self._writes.put((future, fn, args, kwargs))
+        return future
+
+    def _write_loop(self):
+        conn = self._writer_conn
+        tx = Tx(SQLITE, functools.partial(_sqlite_rows, conn))
+        while True:
+            batch = [self._writes.get()]
+            while True:
+                try:
+                    batch.append(self._writes.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(job is None for job in batch)
+            jobs = [job for job in batch if job is not None and job[0].set_running_or_notify_cancel()]
+            if jobs:
+                self._commit_group(conn, tx, jobs)
+            if stop:
+                return
+
+    def _commit_group(self, conn, tx, jobs):
+        outcomes = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for future, fn, args, kwargs in jobs:
+                conn.execute("SAVEPOINT job")
+                try:
+                    outcomes.append((future, fn(tx, *args, **kwargs), None))
+                except BaseException as exc:  # the job fails alone; its writes are undone
+                    conn.execute("ROLLBACK TO job")
+                    outcomes.append((future, None, exc))
+                conn.execute("RELEASE job")
+            conn.execute("COMMIT")
+        except self._apsw.Error as exc:
+            if not conn.getautocommit():
+                conn.execute("ROLLBACK")
+            failure = StorageError(f"SQLite write failed: {exc}")
+            outcomes = [(future, None, failure) for future, *_ in jobs]
+        for future, result, error in outcomes:
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+    # Reads: each reader thread has its own connection; WAL readers never block the writer.
+
+    def read(self, fn, *args, **kwargs):
+        return self._reader_pool.submit(self._read, fn, args, kwargs)
+
+    def _read(self, fn, args, kwargs):
+        conn = getattr(self._reader_local, "conn", None)
+        if conn is None:
+            conn = self._reader_local.conn = self._connect(create=False)
+            self._readers.append(conn)
+        conn.execute("BEGIN")
+        try:
+            return fn(Tx(SQLITE, functools.partial(_sqlite_rows, conn)), *args, **kwargs)
+        finally:
+            conn.execute("COMMIT")
+
+    def close(self):
+        if not self._writer.is_alive():
+            return
+        self._writes.put(None)
+        self._writer.join()
+        self._reader_pool.shutdown(wait=True)
+        for conn in self._readers:
+            conn.close()
+        try:
+            self._writer_conn.wal_checkpoint(mode=self._apsw.SQLITE_CHECKPOINT_TRUNCATE)
+        except self._apsw.Error as exc:  # another process still reads; its last reader checkpoints
+            log.debug("WAL checkpoint at close skipped: %s", exc)
+        self._writer_conn.close()
+
+
+def _postgres_rows(connection, statement: str, args: tuple) -> list:
+    cursor = connection.execute(statement, args or None)
+    return cursor.fetchall() if cursor.description else []
+
+
+class PostgresStorage(Storage):
+    """PostgreSQL: a pool of connections, each job its own transaction on a pool thread."""
+
+    dialect = POSTGRESQL
+
+    def __init__(self, url: str, pool_size: int = 8, connect_timeout: float = 5.0):
+        try:
+            import psycopg
+            from psycopg_pool import ConnectionPool
+        except ImportError:
+            raise StorageError("PostgreSQL needs psycopg: pip install 'runtara-core[postgres]'") from None
+        self._psycopg = psycopg
+        self.url = url
+        self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=connect_timeout, open=False,
+                                    kwargs={"autocommit": False, "connect_timeout": max(1, int(connect_timeout))},
+                                    check=ConnectionPool.check_connection, name="runtara")
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout)
+        except Exception as exc:
+            self._pool.close()
+            raise StorageError(f"cannot reach PostgreSQL at {_redact(url)}: {exc}") from None
+        self._threads = concurrent.futures.ThreadPoolExecutor(pool_size, thread_name_prefix="runtara-pg")
+
+    def write(self, fn, *args, **kwargs):
+        return self._threads.submit(self._transaction, fn, args, kwargs)
+
+    read = write
+
+    def _transaction(self, fn, args, kwargs):
+        try:
+            with self._pool.connection() as conn:
+                with conn.transaction():
+                    return fn(Tx(POSTGRESQL, functools.partial(_postgres_rows, conn)), *args, **kwargs)
+        except self._psycopg.OperationalError as exc:  # down, unreachable, out of disk, pool timeout
+            raise StorageError(f"PostgreSQL is unavailable: {exc}") from None
+
+    def close(self):
+        self._threads.shutdown(wait=True)
+        self._pool.close()
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def open_storage(url: str = DEFAULT_DATABASE_URL, *, create: bool = True, migrate: bool = True,
+                 synchronous: str = "FULL") -> Storage:
+    """Open the database a URL names, applying pending migrations unless told not to.
+
+    Accepted: sqlite:///relative.db, sqlite:////absolute/path.db, postgresql://..., postgres://...
+    """
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        if not path:
+            raise StorageError("the SQLite URL names no file: use sqlite:///runtara.db or sqlite:////abs/path.db")
+        storage = SQLiteStorage(path, synchronous=synchronous, create=create)
+    elif url.startswith(("postgresql://", "postgres://")):
+        storage = PostgresStorage(url)
+    else:
+        raise StorageError(f"unsupported database URL {_redact(url)!r}: use sqlite:///relative.db,"
+                           " sqlite:////absolute/path.db, postgresql://user@host/db or postgres://user@host/db")
+    if migrate:
+        try:
+            storage.migrate()
+        except BaseException:
+            storage.close()
+            raise
+    return storage
+
+
+# =============================================================================================
+# 5. Core semantics: each request is one transaction over the storage (PROTOCOL.md section 4)
+# =============================================================================================
+
+
+def instance_token(secret: str, tenant_id: str, instance_id: str) -> str:
+    return hmac.new(secret.encode(), f"{tenant_id}\n{instance_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def admin_token(secret: str) -> str:
+    return hmac.new(secret.encode(), b"admin", hashlib.sha256).hexdigest()
+
+
+def _same_token(given: str | None, expected: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+@dataclasses.dataclass
+class Session:
+    """What the server knows about one client connection."""
+
+    instance_id: str | None = None  # the instance this connection registered, when authentication is on
+
+
+def _compact(mapping: dict) -> dict:
+    return {key: value for key, value in mapping.items() if value is not None}
+
+
+def _status_map(instance: dict, with_output: bool = True) -> dict:
+    fields = {"found": True, **instance}
+    if not with_output:
+        del fields["output"]
+    return _compact(fields)
+
+
+def _signal_map(signal: dict | None) -> dict | None:
+    return signal and {"signal_type": signal["signal_type"], "payload": signal["payload"],
+                       "created_at_ms": signal["created_at_ms"]}
+
+
+def _refuse(tx: Tx, instance_id: str, action: str):
+    """Raise the error that explains why a guarded statement changed nothing."""
+    instance = tx.get_instance(instance_id)
+    if instance is None:
+        raise InstanceNotFound(f"no instance {instance_id}")
+    raise InvalidState(f"instance {instance_id} is {instance['status']}; cannot {action}")
+
+
+def _existing(tx: Tx, instance_id: str, lock: bool = False) -> dict:
+    instance = tx.get_instance(instance_id, lock=lock)
+    if instance is None:
+        raise InstanceNotFound(f"no instance {instance_id}")
+    return instance
+
+
+def _require_running(tx: Tx, instance_id: str, now: int, action: str) -> None:
+    """Guard, heartbeat and (on PostgreSQL) row lock in one statement."""
+    if not tx.rows("UPDATE instances SET heartbeat_at_ms = ? WHERE instance_id = ? AND status = 'running' RETURNING 1",
+                   now, instance_id):
+        _refuse(tx, instance_id, action)
+
+
+def _register(tx: Tx, instance_id, tenant_id, checkpoint_id, now, max_running) -> dict:
+    tx.create_instance(instance_id, tenant_id, now)
+    instance = _existing(tx, instance_id, lock=True)
+    if instance["tenant_id"] != tenant_id:
+        raise TenantMismatch(f"instance {instance_id} belongs to another tenant")
+    if instance["status"] in TERMINAL:
+        raise InvalidState(f"instance {instance_id} is {instance['status']}; it cannot run again")
+    if checkpoint_id is not None and tx.get_checkpoint(instance_id, checkpoint_id) is None:
+        raise CheckpointNotFound(f"instance {instance_id} has no checkpoint {checkpoint_id}")
+    if instance["status"] != "running" and tx.count_running() >= max_running:
+        raise Overloaded(f"{max_running} instances are already running; try again later")
+    tx.start_instance(instance_id, tenant_id, now)
+    resumed = instance["started_at_ms"] is not None
+    tx.insert_event(instance_id, "resumed" if resumed else "started", now, checkpoint_id=checkpoint_id)
+    return _compact({"instance_id": instance_id, "status": "running", "checkpoint_id": instance["checkpoint_id"],
+                     "resumed": resumed})
+
+
+def _checkpoint(tx: Tx, instance_id, checkpoint_id, state, now) -> dict:
+    _require_running(tx, instance_id, now, "save a checkpoint")
+    saved = tx.save_checkpoint(instance_id, checkpoint_id, state, now)
+    custom = tx.take_custom_signal(instance_id, checkpoint_id)
+    return _compact({"found": saved is not None, "state": b"" if saved is None else saved,
+                     "pending_signal": _signal_map(tx.get_signal(instance_id)),
+                     "custom_signal": None if custom is None else {"checkpoint_id": checkpoint_id, "payload": custom}})
+
+
+def _get_checkpoint(tx: Tx, instance_id, checkpoint_id) -> dict:
+    _existing(tx, instance_id)
+    state = tx.get_checkpoint(instance_id, checkpoint_id)
+    return {"found": state is not None, "state": b"" if state is None else state}
+
+
+def _start_sleep(tx: Tx, instance_id, checkpoint_id, state, duration_ms, now, inline_max_ms) -> tuple[bool, int]:
+    """Save the checkpoint and settle the wake time: (suspended, wake_at_ms)."""
+    _require_running(tx, instance_id, now, "sleep")
+    replayed = tx.save_checkpoint(instance_id, checkpoint_id, state, now) is not None
+    stored = tx.get_instance(instance_id)["sleep_until_ms"]
+    if replayed and stored is not None:
+        wake_at = stored  # a relaunched instance replaying its sleep waits only for what is left
+    elif replayed:
+        return False, now  # this sleep already returned once; it is not slept again
+    else:
+        wake_at = now + duration_ms
+        tx.set_sleep(instance_id, wake_at)
+    if wake_at - now <= inline_max_ms:
+        return False, wake_at
+    tx.transition(instance_id, "suspended", ("running",), now)
+    tx.insert_event(instance_id, "suspended", now, subtype="sleep", checkpoint_id=checkpoint_id)
+    return True, wake_at
+
+
+def _apply_event(tx: Tx, now: int, instance_id, event_type, payload=None, subtype=None, checkpoint_id=None,
+                 timestamp_ms=None) -> None:
+    if event_type == "completed":
+        moved = tx.transition(instance_id, "completed", ("running", "suspended"), now, output=payload or b"")
+    elif event_type == "failed":
+        error = (payload or b"").decode("utf-8", "replace") or "failed"
+        moved = tx.transition(instance_id, "failed", ("running", "suspended"), now, error=error)
+    elif event_type == "suspended":
+        moved = tx.transition(instance_id, "suspended", ("running",), now)
+    else:  # heartbeat, custom: change no status
+        moved = tx.touch_heartbeat(instance_id, now)
+    if not moved:
+        _refuse(tx, instance_id, f"report {event_type}")
+    if event_type != "heartbeat":
+        tx.insert_event(instance_id, event_type, now, subtype=subtype, checkpoint_id=checkpoint_id, payload=payload)
+
+
+def _apply_events(tx: Tx, events: list[dict], now: int) -> int:
+    for event in events:
+        _apply_event(tx, now, **event)
+    return len(events)
+
+
+def _poll_signals(tx: Tx, instance_id, checkpoint_id) -> dict:
+    _existing(tx, instance_id)
+    custom = checkpoint_id and tx.take_custom_signal(instance_id, checkpoint_id)
+    return _compact({"signal": _signal_map(tx.get_signal(instance_id)),
+                     "custom_signal": None if custom is None else {"checkpoint_id": checkpoint_id, "payload": custom}})
+
+
+SIGNAL_EFFECTS = {"cancel": ("cancelled", ACTIVE), "pause": ("suspended", ("pending", "running"))}
+
+
+def _signal_ack(tx: Tx, instance_id, signal_type, acknowledged, now) -> dict:
+    _existing(tx, instance_id, lock=True)
+    if acknowledged and tx.ack_signal(instance_id, signal_type):
+        tx.insert_event(instance_id, "signal", now, subtype=signal_type)
+        if signal_type in SIGNAL_EFFECTS:
+            to_status, from_statuses = SIGNAL_EFFECTS[signal_type]
+            tx.transition(instance_id, to_status, from_statuses, now)
+    return {"status": tx.get_instance(instance_id)["status"]}
+
+
+def _retry_attempt(tx: Tx, instance_id, checkpoint_id, attempt_number, error_message, timestamp_ms, now) -> None:
+    if not tx.touch_heartbeat(instance_id, now):
+        raise InstanceNotFound(f"no instance {instance_id}")
+    payload = msgpack.packb(_compact({"attempt_number": attempt_number, "error_message": error_message,
+                                      "timestamp_ms": timestamp_ms}))
+    tx.insert_event(instance_id, "retry", now, checkpoint_id=checkpoint_id, payload=payload)
+
+
+def _require_active(tx: Tx, instance_id: str) -> None:
+    instance = _existing(tx, instance_id, lock=True)
+    if instance["status"] in TERMINAL:
+        raise InvalidState(f"instance {instance_id} is {instance['status']}; it takes no more signals")
+
+
+def _send_signal(tx: Tx, instance_id, signal_type, payload, now) -> None:
+    _require_active(tx, instance_id)
+    tx.put_signal(instance_id, signal_type, payload, now)
+
+
+def _send_custom_signal(tx: Tx, instance_id, checkpoint_id, payload, now) -> None:
+    _require_active(tx, instance_id)
+    tx.put_custom_signal(instance_id, checkpoint_id, payload, now)
+
+
+def _list_instances(tx: Tx, tenant_id, status, limit, offset) -> dict:
+    instances = tx.list_instances(tenant_id=tenant_id, status=status, limit=limit or 100, offset=offset or 0)
+    return {"instances": [_status_map(instance, with_output=False) for instance in instances],
+            "total_count": tx.count_instances(tenant_id=tenant_id, status=status)}
+
+
+def _list_checkpoints(tx: Tx, instance_id, limit, offset) -> dict:
+    _existing(tx, instance_id)
+    return {"checkpoints": tx.list_checkpoints(instance_id, limit=limit or 100, offset=offset or 0),
+            "total_count": tx.count_checkpoints(instance_id)}
+
+
+def _list_events(tx: Tx, instance_id, event_type, subtype, limit, offset) -> dict:
+    _existing(tx, instance_id)
+    events = tx.list_events(instance_id, event_type, subtype, limit=limit or 100, offset=offset or 0)
+    return {"events": [_compact(event) for event in events],
+            "total_count": tx.count_events(instance_id, event_type, subtype)}
+
+
+def _health(tx: Tx) -> int:
+    tx.health()
+    return tx.count_running()
+
+
+class Core:
+    """The protocol's operations over a storage; the server and the embedded backend both call dispatch()."""
+
+    def __init__(self, storage: Storage, settings: Settings | None = None):
+        self.storage = storage
+        self.settings = settings or Settings()
+        self.started = time.monotonic()
+        self.admin_token = admin_token(self.settings.secret) if self.settings.secret else None
+
+    def _write(self, fn, *args):
+        return asyncio.wrap_future(self.storage.write(fn, *args))
+
+    def _read(self, fn, *args):
+        return asyncio.wrap_future(self.storage.read(fn, *args))
+
+    async def dispatch(self, message: dict, session: Session) -> dict:
+        """Answer one request map, or raise the RuntaraError that is its answer."""
+        op, fields, token = parse_request(message)
+        self.authorize(op, fields, token, session)
+        reply = await getattr(self, op)(**fields)
+        if op == "register_instance" and self.admin_token and not _same_token(token, self.admin_token):
+            session.instance_id = fields["instance_id"]
+        return reply
+
+    def authorize(self, op: str, fields: dict, token: str | None, session: Session) -> None:
+        """PROTOCOL.md section 6; a no-op when no secret is set."""
+        if self.admin_token is None or _same_token(token, self.admin_token):
+            return
+        if op in OPERATOR_OPERATIONS:
+            raise Unauthorized(f"{op} needs the admin token")
+        if op == "register_instance":
+            if not _same_token(token, instance_token(self.settings.secret, fields["tenant_id"], fields["instance_id"])):
+                raise Unauthorized(f"missing or wrong token for instance {fields['instance_id']}")
+            return
+        if session.instance_id is None:
+            raise Unauthorized("this connection has not registered an instance")
+        targets = [event["instance_id"] for event in fields["events"]] if op == "instance_event_batch" \
+            else [fields["instance_id"]]
+        for instance_id in targets:
+            if instance_id != session.instance_id:
+                raise Unauthorized(f"this connection is bound to instance {session.instance_id}, not {instance_id}")
+
+    # -- section 3.1 ------------------------------------------------------------------------
+
+    async def register_instance(self, instance_id, tenant_id, checkpoint_id):
+        return await self._write(_register, instance_id, tenant_id, checkpoint_id, now_ms(),
+                                 self.settings.max_concurrent_instances)
+
+    async def checkpoint(self, instance_id, checkpoint_id, state):
+        return await self._write(_checkpoint, instance_id, checkpoint_id, state, now_ms())
+
+    async def get_checkpoint(self, instance_id, checkpoint_id):
+        return await self._read(_get_checkpoint, instance_id, checkpoint_id)
+
+    async def sleep(self, instance_id, checkpoint_id, state, duration_ms):
+        suspended, wake_at = await self._write(_start_sleep, instance_id, checkpoint_id, state, duration_ms,
+                                               now_ms(), self.settings.sleep_inline_max_ms)
+        if not suspended:
+            while (left := wake_at - now_ms()) > 0:  # asyncio may wake a hair early; never answer before the time
+                await asyncio.sleep(left / 1000)
+            await self._write(Tx.clear_sleep, instance_id)
+        return {"suspended": suspended, "wake_at_ms": wake_at}
+
+    async def instance_event(self, **event):
+        await self._write(_apply_events, [event], now_ms())
+        return {"accepted": True}
+
+    async def instance_event_batch(self, events):
+        return {"accepted": await self._write(_apply_events, events, now_ms())}
+
+    async def get_instance_status(self, instance_id):
+        instance = await self._read(Tx.get_instance, instance_id)
+        if instance is None:
+            return {"found": False, "instance_id": instance_id, "status": "unknown"}
+        return _status_map(instance)
+
+    async def poll_signals(self, instance_id, checkpoint_id):
+        job = self._write if checkpoint_id else self._read  # only a named checkpoint consumes a custom signal
+        return await job(_poll_signals, instance_id, checkpoint_id)
+
+    async def signal_ack(self, instance_id, signal_type, acknowledged):
+        return await self._write(_signal_ack, instance_id, signal_type, acknowledged, now_ms())
+
+    async def retry_attempt(self, instance_id, checkpoint_id, attempt_number, error_message, timestamp_ms):
+        await self._write(_retry_attempt, instance_id, checkpoint_id, attempt_number, error_message, timestamp_ms,
+                          now_ms())
+        return {"accepted": True}
+
+    # -- section 3.2 ------------------------------------------------------------------------
+
+    async def health_check(self):
+        try:
+            running, healthy = await self._read(_health), True
+        except StorageError as exc:
+            log.warning("health check: %s", exc)
+            running, healthy = 0, False
+        return {"healthy": healthy, "version": __version__, "database": self.storage.dialect.name,
+                "uptime_ms": int((time.monotonic() - self.started) * 1000), "running_instances": running}
+
+    async def send_signal(self, instance_id, signal_type, payload):
+        await self._write(_send_signal, instance_id, signal_type, payload or b"", now_ms())
+        return {"instance_id": instance_id, "signal_type": signal_type}
+
+    async def send_custom_signal(self, instance_id, checkpoint_id, payload):
+        await self._write(_send_custom_signal, instance_id, checkpoint_id, payload or b"", now_ms())
+        return {"instance_id": instance_id, "checkpoint_id": checkpoint_id}
+
+    async def list_instances(self, tenant_id, status, limit, offset):
+        return await self._read(_list_instances, tenant_id, status, limit, offset)
+
+    async def list_checkpoints(self, instance_id, limit, offset):
+        return await self._read(_list_checkpoints, instance_id, limit, offset)
+
+    async def list_events(self, instance_id, event_type, subtype, limit, offset):
+        return await self._read(_list_events, instance_id, event_type, subtype, limit, offset)
+
+    # -- liveness (section 5) ---------------------------------------------------------------
+
+    async def fail_stale(self) -> list[tuple[str, int]]:
+        now = now_ms()
+        stale = await self._write(Tx.fail_stale, now - self.settings.heartbeat_timeout_ms, now)
+        for instance_id, since in stale:
+            log.warning("instance %s went stale (last sign of life at %d ms); marked failed", instance_id, since)
+        return stale
+
+
+# =============================================================================================
+# 6. QUIC server (aioquic)
+# =============================================================================================
+
+TLS_CERT_FILE, TLS_KEY_FILE = "runtara-cert.pem", "runtara-key.pem"
+
+
+def state_dir(database_url: str) -> Path:
+    """Where the server keeps its own files: beside a SQLite database, else the working directory."""
+    if database_url.startswith("sqlite:///") and database_url != "sqlite:///:memory:":
+        return Path(database_url[len("sqlite:///"):]).resolve().parent
+    return Path.cwd()
+
+
+def ensure_certificate(settings: Settings) -> tuple[str, str]:
+    """The configured certificate, or a self-signed one for localhost made once and kept."""
+    if settings.tls_cert:
+        return settings.tls_cert, settings.tls_key
+    folder = state_dir(settings.database_url)
+    cert_path, key_path = folder / TLS_CERT_FILE, folder / TLS_KEY_FILE
+    if cert_path.exists() and key_path.exists():
+        return str(cert_path), str(key_path)
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    start = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(start)
+            .not_valid_after(start + datetime.timedelta(days=3650))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                x509.IPAddress(ipaddress.ip_address("::1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    folder.mkdir(parents=True, exist_ok=True)
+    key_fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(key_fd, "wb") as out:
+        out.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    log.info("created a self-signed TLS certificate at %s", cert_path)
+    return str(cert_path), str(key_path)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@functools.cache
+def _server_protocol():
+    """The connection class, built on first use: importing aioquic costs about 0.2 s, which the CLI
+    and the embedded backend do not pay."""
+    from aioquic.asyncio import QuicConnectionProtocol
+    from aioquic.quic.events import ConnectionTerminated, StreamDataReceived, StreamReset
+
+    class ServerProtocol(QuicConnectionProtocol):
+        """One client connection: one frame in and one frame out per bidirectional stream."""
+
+        def __init__(self, *args, server: "Server", **kwargs):
+            super().__init__(*args, **kwargs)
+            self.server = server
+            self.session = Session()
+            self.readers: dict[int, FrameReader] = {}
+            self.rejected: set[int] = set()  # streams answered early whose remaining bytes are dropped
+            self.open = True
+
+        def quic_event_received(self, event):
+            if isinstance(event, StreamDataReceived):
+                self.data_received(event.stream_id, event.data, event.end_stream)
+            elif isinstance(event, StreamReset):
+                self.readers.pop(event.stream_id, None)
+                self.rejected.discard(event.stream_id)
+            elif isinstance(event, ConnectionTerminated):
+                self.open = False
+                self.readers.clear()
+                self.rejected.clear()
+
+        def data_received(self, stream_id: int, data: bytes, end: bool):
+            if stream_id in self.rejected:
+                if end:
+                    self.rejected.discard(stream_id)
+                return
+            reader = self.readers.get(stream_id)
+            if reader is None:
+                reader = self.readers[stream_id] = FrameReader(self.server.settings.max_message_bytes)
+            try:
+                frame = reader.feed(data, end)
+                if frame is not None and frame[0] != FRAME_REQUEST:
+                    raise InvalidRequest(f"expected a request frame (type {FRAME_REQUEST}), got type {frame[0]}")
+            except RuntaraError as exc:
+                del self.readers[stream_id]
+                if not end:
+                    self.rejected.add(stream_id)
+                    self._quic.stop_stream(stream_id, 0)
+                self.answer(stream_id, encode_error(exc))
+                return
+            if frame is not None:
+                del self.readers[stream_id]
+                self.server.track(self.handle(stream_id, frame[1]))
+
+        async def handle(self, stream_id: int, message: dict):
+            try:
+                reply = encode_frame(FRAME_RESPONSE, await self.server.core.dispatch(message, self.session))
+            except RuntaraError as exc:
+                reply = encode_error(exc)
+            except Exception:
+                log.exception("request %r failed", message.get("op"))
+                reply = encode_error(RuntaraError("internal error; the server logged the cause"))
+            self.answer(stream_id, reply)
+
+        def answer(self, stream_id: int, frame: bytes):
+            if not self.open:
+                return
+            try:
+                self._quic.send_stream_data(stream_id, frame, end_stream=True)
+            except Exception as exc:  # the peer reset or stopped the stream meanwhile
+                log.debug("stream %d: answer dropped: %s", stream_id, exc)
+            self.transmit()
+
+    return ServerProtocol
+
+
+class Server:
+    """The QUIC server over a storage: `await start()`, `await stop()`; `run()` until a signal."""
+
+    def __init__(self, settings: Settings | None = None, storage: Storage | None = None):
+        self.settings = settings or Settings.from_env()
+        self.storage = storage
+        self._owns_storage = storage is None
+        self.core: Core | None = None
+        self._quic = None
+        self._tasks: set[asyncio.Task] = set()
+        self._background: list[asyncio.Task] = []
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._quic._transport.get_extra_info("sockname")[:2]
+
+    def track(self, coroutine) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def start(self) -> "Server":
+        from aioquic.asyncio import serve
+        from aioquic.quic.configuration import QuicConfiguration
+
+        settings = self.settings
+        if not settings.secret and not is_loopback(settings.host) and not settings.insecure:
+            raise ValueError(f"refusing to listen on {settings.host} without authentication: anyone who reaches it"
+                             " could read and change every instance. Set RUNTARA_SECRET, or pass --insecure")
+        if self.storage is None:
+            self.storage = await asyncio.to_thread(open_storage, settings.database_url,
+                                                   synchronous=settings.sqlite_synchronous)
+        self.core = Core(self.storage, settings)
+        cert, key = await asyncio.to_thread(ensure_certificate, settings)
+        configuration = QuicConfiguration(is_client=False, alpn_protocols=[ALPN], idle_timeout=60.0,
+                                          max_stream_data=settings.max_message_bytes + FRAME_HEADER.size)
+        configuration.load_cert_chain(cert, key)
+        try:
+            self._quic = await serve(settings.host, settings.port, configuration=configuration,
+                                     create_protocol=functools.partial(_server_protocol(), server=self))
+        except OSError as exc:
+            await self.stop()
+            raise OSError(exc.errno, f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
+        self._background.append(asyncio.get_running_loop().create_task(self._liveness()))
+        host, port = self.address
+        log.info("runtara-core %s listening on %s:%d (QUIC, ALPN %s), database %s", __version__, host, port, ALPN,
+                 _redact(settings.database_url))
+        return self
+
+    async def _liveness(self):
+        interval = max(self.settings.wake_interval_ms, 10) / 1000
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.core.fail_stale()
+            except Exception:
+                log.exception("liveness check failed")
+
+    async def stop(self) -> None:
+        """Answer what is in flight, close connections and the database (checkpointing the WAL)."""
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background.clear()
+        if self._tasks:
+            done, pending = await asyncio.wait(set(self._tasks), timeout=10)
+            for task in pending:
+                task.cancel()
+        if self._quic is not None:
+            self._quic.close()
+            self._quic = None
+        if self.storage is not None and self._owns_storage:
+            await asyncio.to_thread(self.storage.close)
+            self.storage = None
+        log.info("runtara-core stopped")
+
+    async def run(self) -> None:
+        """Serve until SIGINT or SIGTERM, then stop cleanly."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal_module.SIGINT, signal_module.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            log.info("shutting down")
+            await self.stop()
+
+
+class ServerThread:
+    """A Server on its own event loop in a background thread, for programs that are not asyncio:
+    `with ServerThread(settings) as server: ... server.address ...`."""
+
+    def __init__(self, settings: Settings | None = None, storage: Storage | None = None):
+        self.server = Server(settings, storage)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="runtara-server", daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.address
+
+    def start(self) -> "ServerThread":
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result()
+        except BaseException:
+            self._shutdown()
+            raise
+        return self
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result()
+        self._shutdown()
+
+    def _shutdown(self):
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# =============================================================================================
+# 7. Client SDK: QUIC and embedded transports, Instance for workflows, Client for operators
+# =============================================================================================
+
+
+def parse_server_addr(addr: str) -> tuple[str, int]:
+    """'host:port', '[v6]:port' or 'host' (port 8001) into (host, port)."""
+    match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", addr.strip())
+    if not match:
+        raise ValueError(f"server address must be host:port, not {addr!r}")
+    host = match[1] or match[3]
+    port = int(match[2] or match[4] or 8001)
+    if not 0 < port < 65536:
+        raise ValueError(f"server address {addr!r} has no valid port")
+    return host, port
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def _client_protocol():
+    from aioquic.asyncio import QuicConnectionProtocol
+    from aioquic.quic.events import ConnectionTerminated, StreamDataReceived, StreamReset
+
+    class ClientProtocol(QuicConnectionProtocol):
+        """Matches each answer frame to the request waiting on its stream."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.waiting: dict[int, tuple[FrameReader, asyncio.Future]] = {}
+            self.failure: ConnectionLost | None = None
+
+        def quic_event_received(self, event):
+            if isinstance(event, StreamDataReceived) and event.stream_id in self.waiting:
+                reader, future = self.waiting[event.stream_id]
+                try:
+                    frame = reader.feed(event.data, event.end_stream)
+                except RuntaraError as exc:
+                    frame = exc
+                if frame is not None:
+                    del self.waiting[event.stream_id]
+                    if not future.done():
+                        (future.set_exception if isinstance(frame, Exception) else future.set_result)(frame)
+            elif isinstance(event, StreamReset) and event.stream_id in self.waiting:
+                _, future = self.waiting.pop(event.stream_id)
+                if not future.done():
+                    future.set_exception(ConnectionLost(f"the server reset the stream (code {event.error_code})"))
+            elif isinstance(event, ConnectionTerminated):
+                self.failure = ConnectionLost(f"connection closed: {event.reason_phrase or 'code ' + str(event.error_code)}")
+                for _, future in self.waiting.values():
+                    if not future.done():
+                        future.set_exception(self.failure)
+                self.waiting.clear()
+
+        def send_request(self, frame: bytes) -> asyncio.Future:
+            if self.failure is not None:
+                raise self.failure
+            stream_id = self._quic.get_next_available_stream_id()
+            future = self._loop.create_future()
+            self.waiting[stream_id] = (FrameReader(MAX_PAYLOAD_BYTES), future)
+            self._quic.send_stream_data(stream_id, frame, end_stream=True)
+            self.transmit()
+            return future
+
+    return ClientProtocol
+
+
+class QuicTransport:
+    """One long-lived QUIC connection carrying concurrent requests. When it is lost, the request
+    under way fails with ConnectionLost and the next one connects again."""
+
+    KEEPALIVE_S = 20.0
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8001, *, ca_file: str | None = None,
+                 skip_cert_verification: bool = False, on_connect: Callable | None = None):
+        self.host, self.port = host, port
+        self.ca_file = ca_file
+        self.skip_cert_verification = skip_cert_verification
+        self.on_connect = on_connect  # awaited on every new connection, before the first request on it
+        self._protocol = None
+        self._exit_stack: contextlib.AsyncExitStack | None = None
+        self._lock = asyncio.Lock()
+        self._keepalive: asyncio.Task | None = None
+
+    @classmethod
+    def from_env(cls, server_addr: str | None = None, env=None, **options) -> "QuicTransport":
+        env = os.environ if env is None else env
+        host, port = parse_server_addr(server_addr or env.get("RUNTARA_SERVER_ADDR") or "127.0.0.1:8001")
+        options.setdefault("ca_file", env.get("RUNTARA_CA_FILE") or None)
+        options.setdefault("skip_cert_verification", _truthy(env.get("RUNTARA_SKIP_CERT_VERIFICATION")))
+        return cls(host, port, **options)
+
+    def _configuration(self):
+        from aioquic.quic.configuration import QuicConfiguration
+
+        configuration = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], idle_timeout=60.0,
+                                          server_name=self.host.strip("[]"))
+        if self.ca_file:
+            configuration.load_verify_locations(self.ca_file)
+        elif self.skip_cert_verification or is_loopback(self.host):
+            configuration.verify_mode = ssl.CERT_NONE  # on loopback the peer is this machine
+        return configuration
+
+    async def _connection(self):
+        if self._protocol is not None and self._protocol.failure is None:
+            return self._protocol
+        async with self._lock:
+            if self._protocol is not None and self._protocol.failure is None:
+                return self._protocol
+            await self._disconnect()
+            from aioquic.asyncio import connect
+
+            stack = contextlib.AsyncExitStack()
+            try:
+                protocol = await asyncio.wait_for(stack.enter_async_context(connect(
+                    self.host.strip("[]"), self.port, configuration=self._configuration(),
+                    create_protocol=_client_protocol())), timeout=10)
+            except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+                await stack.aclose()
+                raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc or type(exc).__name__}") from None
+            self._protocol, self._exit_stack = protocol, stack
+            self._keepalive = asyncio.get_running_loop().create_task(self._ping(protocol))
+            if self.on_connect is not None:
+                await self.on_connect(protocol)
+            return protocol
+
+    async def _ping(self, protocol):
+        while protocol.failure is None:
+            await asyncio.sleep(self.KEEPALIVE_S)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(protocol.ping(), self.KEEPALIVE_S)
+
+    async def send(self, protocol, message: dict) -> dict:
+        frame_type, reply = await protocol.send_request(encode_frame(FRAME_REQUEST, message))
+        if frame_type == FRAME_ERROR:
+            raise error_from_wire(str(reply.get("code")), str(reply.get("message")))
+        return reply
+
+    async def request(self, message: dict) -> dict:
+        return await self.send(await self._connection(), message)
+
+    async def _disconnect(self):
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        if self._exit_stack is not None:
+            stack, self._exit_stack, self._protocol = self._exit_stack, None, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(stack.aclose(), 2)
+
+    async def close(self):
+        async with self._lock:
+            await self._disconnect()
+
+
+class EmbeddedTransport:
+    """Calls a Core in this process: the same API and semantics as QUIC, without a network."""
+
+    def __init__(self, core: Core):
+        self.core = core
+        self.session = Session()
+
+    @classmethod
+    def open(cls, database_url: str = DEFAULT_DATABASE_URL, settings: Settings | None = None) -> "EmbeddedTransport":
+        """Open the database and a Core over it; close() closes both."""
+        settings = settings or Settings(database_url=database_url)
+        transport = cls(Core(open_storage(settings.database_url, synchronous=settings.sqlite_synchronous), settings))
+        transport.owns_storage = True
+        return transport
+
+    owns_storage = False
+
+    async def request(self, message: dict) -> dict:
+        return await self.core.dispatch(message, self.session)
+
+    async def close(self):
+        if self.owns_storage:
+            await asyncio.to_thread(self.core.storage.close)
+
+
+class Interrupted(Exception):
+    """Raised inside a workflow when it must stop now; `async with Instance(...)` absorbs it."""
+
+
+class Cancelled(Interrupted):
+    """The instance acknowledged a cancel signal and is cancelled."""
+
+
+class Paused(Interrupted):
+    """The instance acknowledged a pause signal and is suspended until resumed."""
+
+
+class Suspended(Interrupted):
+    """A durable sleep suspended the instance; the server relaunches it at `wake_at_ms`."""
+
+    def __init__(self, wake_at_ms: int):
+        super().__init__(f"suspended until {wake_at_ms} ms")
+        self.wake_at_ms = wake_at_ms
+
+
+@dataclasses.dataclass
+class CheckpointResult:
+    found: bool                 # the checkpoint existed: `state` is what was saved first, the new one was ignored
+    state: bytes
+    signal: dict | None = None  # the pending {signal_type, payload, created_at_ms}
+    custom_signal: dict | None = None
+
+    @property
+    def should_cancel(self) -> bool:
+        return bool(self.signal) and self.signal["signal_type"] == "cancel"
+
+    @property
+    def should_pause(self) -> bool:
+        return bool(self.signal) and self.signal["signal_type"] == "pause"
+
+    @property
+    def should_exit(self) -> bool:
+        return self.should_cancel or self.should_pause
+
+
+class _Caller:
+    """Sends operations through a transport, adding the token."""
+
+    transport: Any
+    token: str | None = None
+
+    async def call(self, op: str, **fields) -> dict:
+        message = {"op": op, **_compact(fields)}
+        if self.token:
+            message["token"] = self.token
+        return await self.transport.request(message)
+
+    async def get_instance_status(self, instance_id: str) -> dict:
+        return await self.call("get_instance_status", instance_id=instance_id)
+
+
+def _step_id(fn: Callable, args: tuple, kwargs: dict) -> str:
+    if not args and not kwargs:
+        return fn.__qualname__
+    digest = hashlib.sha256(msgpack.packb([list(args), kwargs], default=repr)).hexdigest()[:16]
+    return f"{fn.__qualname__}:{digest}"
+
+
+class Instance(_Caller):
+    """A workflow instance's side of the protocol. Arguments default to the environment the server's
+    launcher sets: RUNTARA_INSTANCE_ID, RUNTARA_TENANT_ID, RUNTARA_SERVER_ADDR, RUNTARA_CA_FILE,
+    RUNTARA_SKIP_CERT_VERIFICATION, RUNTARA_INSTANCE_TOKEN, RUNTARA_CHECKPOINT_ID,
+    RUNTARA_HEARTBEAT_INTERVAL_MS.
+
+        async with Instance() as instance:
+            @instance.durable("fetch")
+            async def fetch(): ...
+            await instance.completed(msgpack.packb(await fetch()))
+    """
+
+    def __init__(self, instance_id: str | None = None, tenant_id: str | None = None, *,
+                 server_addr: str | None = None, transport=None, token: str | None = None,
+                 checkpoint_id: str | None = None, heartbeat_interval_ms: int | None = None,
+                 poll_interval_ms: int = 1000, env=None, **transport_options):
+        env = os.environ if env is None else env
+        self.instance_id = instance_id or env.get("RUNTARA_INSTANCE_ID")
+        self.tenant_id = tenant_id or env.get("RUNTARA_TENANT_ID")
+        if not self.instance_id or not self.tenant_id:
+            raise ValueError("an Instance needs instance_id and tenant_id (or RUNTARA_INSTANCE_ID, RUNTARA_TENANT_ID)")
+        self.token = token or env.get("RUNTARA_INSTANCE_TOKEN") or None
+        self.resume_from = checkpoint_id or env.get("RUNTARA_CHECKPOINT_ID") or None
+        self.heartbeat_interval_ms = (_env_int(env, "RUNTARA_HEARTBEAT_INTERVAL_MS", 30_000)
+                                      if heartbeat_interval_ms is None else heartbeat_interval_ms)
+        self.poll_interval_ms = poll_interval_ms
+        self.transport = transport or QuicTransport.from_env(server_addr, env, **transport_options)
+        self._owns_transport = transport is None
+        if self.token and isinstance(self.transport, QuicTransport):
+            self.transport.on_connect = self._rebind  # a new connection must register again to be bound
+        self.registration: dict | None = None
+        self._heartbeat_task: asyncio.Task | None = None
+        self._last_poll = (0.0, None)
+
+    async def _rebind(self, protocol):
+        if self.registration is not None:
+            await self.transport.send(protocol, {"op": "register_instance", "instance_id": self.instance_id,
+                                                 "tenant_id": self.tenant_id, "token": self.token})
+
+    async def __aenter__(self) -> "Instance":
+        await self.register()
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc is not None and not isinstance(exc, (Interrupted, asyncio.CancelledError, ConnectionLost)):
+                with contextlib.suppress(RuntaraError):
+                    await self.failed(f"{type(exc).__name__}: {exc}")
+        finally:
+            await self.close()
+        return isinstance(exc, Interrupted)
+
+    async def register(self) -> dict:
+        """Register (or re-register after a restart); starts the background heartbeat."""
+        self.registration = await self.call("register_instance", instance_id=self.instance_id,
+                                            tenant_id=self.tenant_id, checkpoint_id=self.resume_from)
+        if self.heartbeat_interval_ms > 0 and self._heartbeat_task is None:
+            self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeats())
+        return self.registration
+
+    async def _heartbeats(self):
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_ms / 1000)
+            try:
+                await self.heartbeat()
+            except RuntaraError as exc:
+                log.warning("heartbeat for %s failed: %s", self.instance_id, exc)
+
+    async def checkpoint(self, checkpoint_id: str, state: bytes) -> CheckpointResult:
+        """Save `state` under `checkpoint_id`, or get back what was saved there first."""
+        reply = await self.call("checkpoint", instance_id=self.instance_id, checkpoint_id=checkpoint_id, state=state)
+        return CheckpointResult(reply["found"], reply.get("state") or b"", reply.get("pending_signal"),
+                                reply.get("custom_signal"))
+
+    async def get_checkpoint(self, checkpoint_id: str) -> bytes | None:
+        reply = await self.call("get_checkpoint", instance_id=self.instance_id, checkpoint_id=checkpoint_id)
+        return reply["state"] if reply["found"] else None
+
+    async def sleep(self, checkpoint_id: str, duration_ms: int, state: bytes = b"") -> int:
+        """Sleep durably; returns the wake time, or raises Suspended when the server took over the wait."""
+        reply = await self.call("sleep", instance_id=self.instance_id, checkpoint_id=checkpoint_id, state=state,
+                                duration_ms=duration_ms)
+        if reply["suspended"]:
+            raise Suspended(reply["wake_at_ms"])
+        return reply["wake_at_ms"]
+
+    async def _event(self, event_type: str, **fields) -> None:
+        await self.call("instance_event", instance_id=self.instance_id, event_type=event_type, **fields)
+
+    async def heartbeat(self) -> None:
+        await self._event("heartbeat")
+
+    async def completed(self, output: bytes = b"") -> None:
+        await self._event("completed", payload=output)
+
+    async def failed(self, error: str) -> None:
+        await self._event("failed", payload=error.encode())
+
+    async def suspended(self) -> None:
+        await self._event("suspended")
+
+    async def event(self, subtype: str, payload: bytes = b"", checkpoint_id: str | None = None) -> None:
+        """A custom event: stored under `subtype`, changes no status."""
+        await self._event("custom", subtype=subtype, payload=payload, checkpoint_id=checkpoint_id)
+
+    async def poll_signals(self, checkpoint_id: str | None = None, force: bool = False) -> dict:
+        """The pending signal and custom signal; asks the server at most once per poll interval."""
+        last_at, last = self._last_poll
+        if not force and checkpoint_id is None and last is not None and \
+                time.monotonic() - last_at < self.poll_interval_ms / 1000:
+            return last
+        reply = await self.call("poll_signals", instance_id=self.instance_id, checkpoint_id=checkpoint_id)
+        self._last_poll = (time.monotonic(), reply)
+        return reply
+
+    async def ack(self, signal_type: str, acknowledged: bool = True) -> str:
+        """Acknowledge a signal (it takes effect); returns the instance's status after it."""
+        self._last_poll = (0.0, None)
+        reply = await self.call("signal_ack", instance_id=self.instance_id, signal_type=signal_type,
+                                acknowledged=acknowledged)
+        return reply["status"]
+
+    async def obey(self, signal: dict | None) -> None:
+        """Acknowledge a pending signal and raise Cancelled or Paused when it says to stop."""
+        if signal is None:
+            return
+        await self.ack(signal["signal_type"])
+        if signal["signal_type"] == "cancel":
+            raise Cancelled("cancelled by signal")
+        if signal["signal_type"] == "pause":
+            raise Paused("paused by signal")
+
+    async def status(self) -> dict:
+        return await self.get_instance_status(self.instance_id)
+
+    async def retry_attempt(self, checkpoint_id: str, attempt_number: int, error_message: str) -> None:
+        await self.call("retry_attempt", instance_id=self.instance_id, checkpoint_id=checkpoint_id,
+                        attempt_number=attempt_number, error_message=error_message, timestamp_ms=now_ms())
+
+    def durable(self, checkpoint_id: str | None = None, *, retries: int = 0, backoff_ms: int = 100,
+                max_backoff_ms: int = 30_000):
+        """Decorate a step: its msgpack-encoded result is saved under `checkpoint_id` (by default the
+        function's name and a hash of its arguments) and returned on replay without running it again.
+        A failing step is retried `retries` times with exponential backoff, each attempt reported."""
+
+        def decorate(fn):
+            @functools.wraps(fn)
+            async def step(*args, **kwargs):
+                step_id = checkpoint_id or _step_id(fn, args, kwargs)
+                saved = await self.get_checkpoint(step_id)
+                if saved is not None:
+                    return msgpack.unpackb(saved, raw=False)
+                for attempt in range(1, retries + 2):
+                    try:
+                        result = fn(*args, **kwargs)
+                        if asyncio.iscoroutine(result):
+                            result = await result
+                        break
+                    except Interrupted:
+                        raise
+                    except Exception as exc:
+                        if attempt > retries:
+                            raise
+                        await self.retry_attempt(step_id, attempt, f"{type(exc).__name__}: {exc}")
+                        await asyncio.sleep(min(backoff_ms * 2 ** (attempt - 1), max_backoff_ms) / 1000)
+                saved = await self.checkpoint(step_id, msgpack.packb(result))
+                await self.obey(saved.signal)
+                return msgpack.unpackb(saved.state if saved.found else msgpack.packb(result), raw=False)
+            return step
+        return decorate
+
+    async def close(self) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat_task
+            self._heartbeat_task = None
+        if self._owns_transport:
+            await self.transport.close()
+
+
+class Client(_Caller):
+    """An operator's side of the protocol (PROTOCOL.md section 3.2)."""
+
+    def __init__(self, server_addr: str | None = None, *, transport=None, token: str | None = None, env=None,
+                 **transport_options):
+        env = os.environ if env is None else env
+        self.transport = transport or QuicTransport.from_env(server_addr, env, **transport_options)
+        self._owns_transport = transport is None
+        self.token = token or env.get("RUNTARA_ADMIN_TOKEN") or None
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def health_check(self) -> dict:
+        return await self.call("health_check")
+
+    async def send_signal(self, instance_id: str, signal_type: str, payload: bytes = b"") -> dict:
+        return await self.call("send_signal", instance_id=instance_id, signal_type=signal_type, payload=payload)
+
+    async def send_custom_signal(self, instance_id: str, checkpoint_id: str, payload: bytes = b"") -> dict:
+        return await self.call("send_custom_signal", instance_id=instance_id, checkpoint_id=checkpoint_id,
+                               payload=payload)
+
+    async def list_instances(self, tenant_id: str | None = None, status: str | None = None, limit: int | None = None,
+                             offset: int | None = None) -> dict:
+        return await self.call("list_instances", tenant_id=tenant_id, status=status, limit=limit, offset=offset)
+
+    async def list_checkpoints(self, instance_id: str, limit: int | None = None, offset: int | None = None) -> dict:
+        return await self.call("list_checkpoints", instance_id=instance_id, limit=limit, offset=offset)
+
+    async def list_events(self, instance_id: str, event_type: str | None = None, subtype: str | None = None,
+                          limit: int | None = None, offset: int | None = None) -> dict:
+        return await self.call("list_events", instance_id=instance_id, event_type=event_type, subtype=subtype,
+                               limit=limit, offset=offset)
+
+    async def close(self) -> None:
+        if self._owns_transport:
+            await self.transport.close()
+
+
+# =============================================================================================
+# 8. CLI (typer + rich, imported only here) and main()
+# =============================================================================================
+
+
+def build_cli():
+    """The `runtara` command. typer and rich are imported here, so embedding the engine never pays for them."""
+    import typer
+    from rich.console import Console
+
+    app = typer.Typer(help="runtara-core: a durable execution engine.", no_args_is_help=True,
+                      pretty_exceptions_enable=False, add_completion=False)
+    out, err = Console(), Console(stderr=True)
+    DatabaseUrl = typer.Option(None, "--database-url", envvar="RUNTARA_DATABASE_URL", show_envvar=True,
+                               help=f"Database URL [default: {DEFAULT_DATABASE_URL}]")
+
+    def fail(message: str) -> typer.Exit:
+        err.print(f"[red]error:[/red] {message}", highlight=False)
+        return typer.Exit(1)
+
+    @app.command()
+    def serve(
+        database_url: str = DatabaseUrl,
+        host: str = typer.Option(None, envvar="RUNTARA_HOST", help="Address to bind [default: 127.0.0.1]"),
+        port: int = typer.Option(None, envvar="RUNTARA_QUIC_PORT", help="UDP port [default: 8001]"),
+        tls_cert: str = typer.Option(None, envvar="RUNTARA_TLS_CERT", help="PEM certificate"),
+        tls_key: str = typer.Option(None, envvar="RUNTARA_TLS_KEY", help="PEM private key"),
+        insecure: bool = typer.Option(False, help="Allow a non-loopback address without RUNTARA_SECRET"),
+        max_concurrent_instances: int = typer.Option(None, envvar="RUNTARA_MAX_CONCURRENT_INSTANCES"),
+        sleep_inline_max_ms: int = typer.Option(None, envvar="RUNTARA_SLEEP_INLINE_MAX_MS"),
+        heartbeat_timeout_ms: int = typer.Option(None, envvar="RUNTARA_HEARTBEAT_TIMEOUT_MS"),
+        launch: str = typer.Option(None, envvar="RUNTARA_LAUNCH_COMMAND", help="Command that relaunches an instance"),
+        log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR"),
+    ):
+        """Run the QUIC server until SIGINT or SIGTERM."""
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            settings = Settings.from_env(database_url=database_url, host=host, port=port, tls_cert=tls_cert,
+                                         tls_key=tls_key, insecure=insecure or None,
+                                         max_concurrent_instances=max_concurrent_instances,
+                                         sleep_inline_max_ms=sleep_inline_max_ms,
+                                         heartbeat_timeout_ms=heartbeat_timeout_ms, launch_command=launch)
+            asyncio.run(Server(settings).run())
+        except (ValueError, OSError, RuntaraError) as exc:
+            raise fail(str(exc))
+
+    @app.command()
+    def migrate(database_url: str = DatabaseUrl):
+        """Apply pending migrations and list them all."""
+        from rich.table import Table
+
+        try:
+            with open_storage(database_url or DEFAULT_DATABASE_URL, migrate=False) as storage:
+                applied = storage.migrate(progress=lambda v, name: err.print(f"applying {v:03d}_{name}"))
+                table = Table("version", "name", "applied")
+                for version, name, at in storage.migration_status():
+                    table.add_row(f"{version:03d}", name, _format_ms(at) + (" (now)" if version in applied else ""))
+            out.print(table)
+        except RuntaraError as exc:
+            raise fail(str(exc))
+
+    return app
+
+
+def _format_ms(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ms / 1000).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> None:
+    build_cli()(args=argv, prog_name="runtara")
+
+
+if __name__ == "__main__":
+    main()

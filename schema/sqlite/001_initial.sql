@@ -1,0 +1,54 @@
+-- Instances, their checkpoints, events and signals. Times are integer milliseconds since the epoch.
+CREATE TABLE instances (
+    instance_id     TEXT PRIMARY KEY,
+    tenant_id       TEXT NOT NULL,
+    status          TEXT NOT NULL DEFAULT 'pending'
+                    CHECK (status IN ('pending', 'running', 'suspended', 'completed', 'failed', 'cancelled')),
+    checkpoint_id   TEXT,
+    created_at_ms   INTEGER NOT NULL,
+    started_at_ms   INTEGER,
+    finished_at_ms  INTEGER,
+    heartbeat_at_ms INTEGER,
+    sleep_until_ms  INTEGER,
+    output          BLOB,
+    error           TEXT
+) STRICT;
+CREATE INDEX instances_by_status ON instances (status, sleep_until_ms);
+CREATE INDEX instances_by_tenant ON instances (tenant_id, status);
+CREATE INDEX instances_by_created ON instances (created_at_ms);
+
+CREATE TABLE checkpoints (
+    id            INTEGER PRIMARY KEY,
+    instance_id   TEXT NOT NULL REFERENCES instances (instance_id) ON DELETE CASCADE,
+    checkpoint_id TEXT NOT NULL,
+    state         BLOB NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    UNIQUE (instance_id, checkpoint_id)
+) STRICT;
+
+CREATE TABLE events (
+    id            INTEGER PRIMARY KEY,
+    instance_id   TEXT NOT NULL REFERENCES instances (instance_id) ON DELETE CASCADE,
+    event_type    TEXT NOT NULL,
+    subtype       TEXT,
+    checkpoint_id TEXT,
+    payload       BLOB,
+    created_at_ms INTEGER NOT NULL
+) STRICT;
+CREATE INDEX events_by_instance ON events (instance_id, id);
+
+-- At most one pending cancel/pause/resume per instance: a newer one replaces the older.
+CREATE TABLE signals (
+    instance_id   TEXT PRIMARY KEY REFERENCES instances (instance_id) ON DELETE CASCADE,
+    signal_type   TEXT NOT NULL CHECK (signal_type IN ('cancel', 'pause', 'resume')),
+    payload       BLOB NOT NULL,
+    created_at_ms INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE custom_signals (
+    instance_id   TEXT NOT NULL REFERENCES instances (instance_id) ON DELETE CASCADE,
+    checkpoint_id TEXT NOT NULL,
+    payload       BLOB NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (instance_id, checkpoint_id)
+) STRICT;

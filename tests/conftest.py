@@ -1,0 +1,86 @@
+"""Fixtures: every storage and protocol test runs on SQLite (a temporary file) and on PostgreSQL
+(TEST_DATABASE_URL, a fresh schema per test, dropped afterwards)."""
+
+import asyncio
+import os
+import sys
+import uuid
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import runtara_core as rc  # noqa: E402
+
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL")
+
+
+def _admin_connect():
+    import psycopg
+
+    return psycopg.connect(TEST_DATABASE_URL, autocommit=True)
+
+
+def _with_search_path(url: str, schema: str) -> str:
+    separator = "&" if "?" in url else "?"
+    return f"{url}{separator}options={quote(f'-csearch_path={schema}')}"
+
+
+@pytest.fixture
+def postgres_url():
+    """A URL whose connections live in a schema of their own, removed after the test."""
+    if not TEST_DATABASE_URL:
+        pytest.skip("TEST_DATABASE_URL is not set; the PostgreSQL half needs a server")
+    schema = "rt_" + uuid.uuid4().hex[:12]
+    with _admin_connect() as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    yield _with_search_path(TEST_DATABASE_URL, schema)
+    with _admin_connect() as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'runtara.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def storage(database_url):
+    with rc.open_storage(database_url) as storage:
+        yield storage
+
+
+def settings_for(database_url: str, **overrides) -> rc.Settings:
+    return rc.Settings.from_env(env={}, database_url=database_url, port=0, **overrides)
+
+
+@pytest.fixture
+def server_factory(database_url):
+    """Start a real QUIC server on loopback (an ephemeral port); stopped after the test."""
+    started = []
+
+    def start(**overrides) -> rc.ServerThread:
+        server = rc.ServerThread(settings_for(database_url, **overrides)).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(server_factory):
+    return server_factory()
+
+
+def addr(server: rc.ServerThread) -> str:
+    host, port = server.address
+    return f"{host}:{port}"
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
