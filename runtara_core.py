@@ -481,7 +481,8 @@ class Tx:
         marks = ", ".join("?" * len(from_statuses))
         return bool(self.rows(f"UPDATE instances SET status = ?, finished_at_ms = COALESCE(?, finished_at_ms),"
                               f" output = COALESCE(?, output), error = COALESCE(?, error), heartbeat_at_ms = ?"
-                              f" WHERE instance_id = ? AND status IN ({marks}) RETURNING 1",
+                              f" WHERE instance_id = ? AND status IN ({marks})"
+                              f" AND status NOT IN ('completed', 'failed', 'cancelled') RETURNING 1",  # final
                               to_status, finished, output, error, now, instance_id, *from_statuses))
 
     def count_running(self) -> int:

@@ -1,0 +1,408 @@
+"""The storage contract, on SQLite and PostgreSQL alike (issue: Foundation)."""
+
+import concurrent.futures
+import os
+import threading
+
+import pytest
+
+import runtara_core as rc
+from conftest import TEST_DATABASE_URL
+
+Tx = rc.Tx
+T0 = 1_700_000_000_000
+
+
+def w(storage, fn, *args, **kwargs):
+    return storage.write(fn, *args, **kwargs).result(timeout=30)
+
+
+def r(storage, fn, *args, **kwargs):
+    return storage.read(fn, *args, **kwargs).result(timeout=30)
+
+
+def running(storage, instance_id="i-1", tenant_id="t-1", at=T0):
+    assert w(storage, Tx.create_instance, instance_id, tenant_id, at)
+    assert w(storage, Tx.start_instance, instance_id, tenant_id, at)
+
+
+# -- opening and migrations ---------------------------------------------------------------------
+
+
+def test_migrations_are_recorded_and_not_applied_twice(storage):
+    status = storage.migration_status()
+    assert [version for version, _, at in status if at is not None] == [v for v, _, _ in
+                                                                        rc.known_migrations(storage.dialect)]
+    assert storage.migrate() == []
+
+
+def test_a_migration_this_version_does_not_know_is_refused(database_url):
+    with rc.open_storage(database_url) as storage:
+        w(storage, lambda tx: tx.rows("INSERT INTO runtara_migrations VALUES (999, 'from_the_future', 0)"))
+    with pytest.raises(rc.StorageError, match="999_from_the_future.*does not know"):
+        rc.open_storage(database_url)
+
+
+def test_unknown_url_scheme_names_the_accepted_forms():
+    with pytest.raises(rc.StorageError, match="sqlite:///relative.db.*postgresql://"):
+        rc.open_storage("mysql://root@localhost/db")
+
+
+def test_postgres_and_postgresql_schemes_are_both_accepted(postgres_url):
+    short = postgres_url.replace("postgresql://", "postgres://", 1)
+    with rc.open_storage(short) as storage:
+        assert storage.dialect is rc.POSTGRESQL and r(storage, Tx.health)
+
+
+def test_unreachable_postgresql_is_a_clear_error():
+    with pytest.raises(rc.StorageError, match="cannot reach PostgreSQL at postgresql://u:\\*\\*\\*@127.0.0.1:1/x"):
+        rc.open_storage("postgresql://u:secret@127.0.0.1:1/x")
+
+
+def test_reading_a_missing_sqlite_file_does_not_create_it(tmp_path):
+    path = tmp_path / "absent.db"
+    with pytest.raises(rc.StorageError, match="no database at"):
+        rc.open_storage(f"sqlite:///{path}", create=False)
+    assert not path.exists()
+
+
+def test_relative_and_absolute_sqlite_urls(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with rc.open_storage("sqlite:///here.db"):
+        pass
+    assert (tmp_path / "here.db").exists()
+    with rc.open_storage(f"sqlite:///{tmp_path / 'abs.db'}"):  # sqlite:////tmp/... (four slashes)
+        pass
+    assert (tmp_path / "abs.db").exists()
+
+
+def test_sqlite_connection_settings(tmp_path):
+    with rc.open_storage(f"sqlite:///{tmp_path / 'p.db'}") as storage:
+        def pragmas(tx):
+            return [tx.value(f"PRAGMA {name}") for name in ("journal_mode", "synchronous", "foreign_keys",
+                                                           "busy_timeout")]
+        assert w(storage, pragmas) == ["wal", 2, 1, 10_000]   # synchronous 2 = FULL
+        assert r(storage, pragmas)[0] == "wal"
+    with rc.open_storage(f"sqlite:///{tmp_path / 'n.db'}", synchronous="NORMAL") as storage:
+        assert w(storage, lambda tx: tx.value("PRAGMA synchronous")) == 1
+
+
+def test_status_check_constraint(storage):
+    with pytest.raises(Exception):
+        w(storage, lambda tx: tx.rows("INSERT INTO instances (instance_id, tenant_id, status, created_at_ms)"
+                                      " VALUES ('x', 't', 'sleeping', 0)"))
+
+
+# -- instances and guarded transitions ----------------------------------------------------------
+
+
+def test_create_is_idempotent_and_keeps_the_first_tenant(storage):
+    assert w(storage, Tx.create_instance, "i-1", "t-1", T0) is True
+    assert w(storage, Tx.create_instance, "i-1", "t-2", T0 + 5) is False
+    instance = r(storage, Tx.get_instance, "i-1")
+    assert instance["tenant_id"] == "t-1" and instance["status"] == "pending" and instance["created_at_ms"] == T0
+    assert r(storage, Tx.get_instance, "nope") is None
+
+
+def test_start_stamps_the_first_start_only(storage):
+    running(storage, at=T0)
+    assert w(storage, Tx.transition, "i-1", "suspended", ("running",), T0 + 10)
+    assert w(storage, Tx.start_instance, "i-1", "t-1", T0 + 20)
+    instance = r(storage, Tx.get_instance, "i-1")
+    assert (instance["status"], instance["started_at_ms"], instance["heartbeat_at_ms"]) == ("running", T0, T0 + 20)
+
+
+def test_start_is_guarded_by_tenant_and_status(storage):
+    running(storage)
+    assert w(storage, Tx.start_instance, "i-1", "other", T0) is False
+    assert w(storage, Tx.transition, "i-1", "completed", ("running",), T0 + 1, output=b"out")
+    assert w(storage, Tx.start_instance, "i-1", "t-1", T0 + 2) is False
+    assert r(storage, Tx.get_instance, "i-1")["status"] == "completed"
+
+
+def test_transition_guards(storage):
+    running(storage)
+    assert w(storage, Tx.transition, "i-1", "completed", ("suspended",), T0 + 1) is False
+    assert w(storage, Tx.transition, "i-1", "failed", ("running",), T0 + 2, error="boom") is True
+    instance = r(storage, Tx.get_instance, "i-1")
+    assert (instance["status"], instance["error"], instance["finished_at_ms"]) == ("failed", "boom", T0 + 2)
+    for status in rc.STATUSES:  # nothing moves a terminal instance
+        assert w(storage, Tx.transition, "i-1", status, rc.STATUSES, T0 + 3) is False
+    assert w(storage, Tx.transition, "nope", "running", ("pending",), T0) is False
+
+
+def test_suspend_keeps_finished_at_empty_and_complete_stores_output(storage):
+    running(storage)
+    assert w(storage, Tx.transition, "i-1", "suspended", ("running",), T0 + 1)
+    assert r(storage, Tx.get_instance, "i-1")["finished_at_ms"] is None
+    assert w(storage, Tx.transition, "i-1", "completed", ("running", "suspended"), T0 + 2, output=b"\x00\xfe")
+    instance = r(storage, Tx.get_instance, "i-1")
+    assert (instance["output"], instance["finished_at_ms"]) == (b"\x00\xfe", T0 + 2)
+
+
+def test_heartbeat_and_stale_detection(storage):
+    running(storage, "old", at=T0)
+    running(storage, "fresh", at=T0)
+    running(storage, "done", at=T0)
+    assert w(storage, Tx.touch_heartbeat, "fresh", T0 + 50_000)
+    assert w(storage, Tx.touch_heartbeat, "nope", T0) is False
+    assert w(storage, Tx.transition, "done", "completed", ("running",), T0 + 1)
+    stale = w(storage, Tx.fail_stale, T0 + 10_000, T0 + 60_000)
+    assert stale == [("old", T0)]
+    old = r(storage, Tx.get_instance, "old")
+    assert old["status"] == "failed" and old["finished_at_ms"] == T0 + 60_000
+    assert "stale" in old["error"] and "2023-11-14T22:13:20" in old["error"]
+    assert r(storage, Tx.get_instance, "fresh")["status"] == "running"
+    assert r(storage, Tx.get_instance, "done")["status"] == "completed"
+
+
+def test_list_and_count_instances_with_filters(storage):
+    for n in range(5):
+        w(storage, Tx.create_instance, f"a-{n}", "tenant-a", T0 + n)
+    for n in range(3):
+        running(storage, f"b-{n}", "tenant-b", at=T0 + 10 + n)
+    assert r(storage, Tx.count_instances) == 8
+    assert r(storage, Tx.count_instances, tenant_id="tenant-a") == 5
+    assert r(storage, Tx.count_instances, status="running") == 3
+    assert r(storage, Tx.count_instances, tenant_id="tenant-a", status="running") == 0
+    assert r(storage, Tx.count_instances, since=T0 + 3) == 5
+    newest = r(storage, Tx.list_instances, limit=2)
+    assert [i["instance_id"] for i in newest] == ["b-2", "b-1"]
+    page = r(storage, Tx.list_instances, tenant_id="tenant-a", limit=2, offset=2)
+    assert [i["instance_id"] for i in page] == ["a-2", "a-1"]
+    assert r(storage, Tx.count_by_status) == {"pending": 5, "running": 3}
+    assert r(storage, Tx.count_running) == 3
+
+
+def test_delete_instance_removes_everything_it_owns(storage):
+    running(storage)
+    w(storage, Tx.save_checkpoint, "i-1", "c", b"s", T0)
+    w(storage, Tx.insert_event, "i-1", "custom", T0)
+    w(storage, Tx.put_signal, "i-1", "pause", b"", T0)
+    w(storage, Tx.put_custom_signal, "i-1", "c", b"p", T0)
+    assert w(storage, Tx.delete_instance, "i-1") is True
+    assert w(storage, Tx.delete_instance, "i-1") is False
+
+    def leftovers(tx):
+        return [tx.value(f"SELECT count(*) FROM {table}") for table in
+                ("instances", "checkpoints", "events", "signals", "custom_signals")]
+    assert r(storage, leftovers) == [0, 0, 0, 0, 0]
+
+
+def test_delete_finished_only_takes_old_terminal_instances(storage):
+    for n, status in enumerate(["completed", "failed", "cancelled"]):
+        running(storage, f"old-{status}", at=T0)
+        w(storage, Tx.transition, f"old-{status}", status, ("running",), T0 + n)
+    running(storage, "new-done", at=T0)
+    w(storage, Tx.transition, "new-done", "completed", ("running",), T0 + 1_000)
+    running(storage, "still-running", at=T0)
+    assert sorted(w(storage, Tx.delete_finished, T0 + 500, 2) + w(storage, Tx.delete_finished, T0 + 500, 2)) == \
+        ["old-cancelled", "old-completed", "old-failed"]
+    assert sorted(i["instance_id"] for i in r(storage, Tx.list_instances)) == ["new-done", "still-running"]
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+
+def test_first_state_saved_wins_forever(storage):
+    running(storage)
+    assert w(storage, Tx.save_checkpoint, "i-1", "c-1", b"first", T0) is None
+    assert w(storage, Tx.save_checkpoint, "i-1", "c-1", b"second", T0 + 1) == b"first"
+    assert r(storage, Tx.get_checkpoint, "i-1", "c-1") == b"first"
+    assert r(storage, Tx.get_instance, "i-1")["checkpoint_id"] == "c-1"
+    assert w(storage, Tx.save_checkpoint, "i-1", "c-2", b"", T0 + 2) is None  # empty state is a state
+    assert w(storage, Tx.save_checkpoint, "i-1", "c-2", b"x", T0 + 3) == b""
+    assert r(storage, Tx.get_instance, "i-1")["checkpoint_id"] == "c-2"
+
+
+def test_checkpoints_are_per_instance(storage):
+    running(storage, "i-1")
+    running(storage, "i-2")
+    w(storage, Tx.save_checkpoint, "i-1", "c", b"one", T0)
+    assert r(storage, Tx.get_checkpoint, "i-2", "c") is None
+    assert w(storage, Tx.save_checkpoint, "i-2", "c", b"two", T0) is None
+    assert r(storage, Tx.get_checkpoint, "i-1", "c") == b"one"
+
+
+@pytest.mark.parametrize("state", [bytes(range(256)) * 4096, b"\xff\xfe\x00\x80\xc3\x28", os.urandom(1 << 20)],
+                         ids=["1MiB-pattern", "invalid-utf8", "1MiB-random"])
+def test_states_round_trip_byte_for_byte(storage, state):
+    running(storage)
+    w(storage, Tx.save_checkpoint, "i-1", "c", state, T0)
+    assert r(storage, Tx.get_checkpoint, "i-1", "c") == state
+    assert w(storage, Tx.save_checkpoint, "i-1", "c", b"other", T0) == state
+    assert r(storage, Tx.list_checkpoints, "i-1") == [{"checkpoint_id": "c", "created_at_ms": T0, "size": len(state)}]
+
+
+def test_list_and_count_checkpoints_newest_first(storage):
+    running(storage)
+    for n in range(5):
+        w(storage, Tx.save_checkpoint, "i-1", f"c-{n}", b"x" * n, T0 + n)
+    assert [c["checkpoint_id"] for c in r(storage, Tx.list_checkpoints, "i-1", limit=2, offset=1)] == ["c-3", "c-2"]
+    assert r(storage, Tx.count_checkpoints, "i-1") == 5
+    assert r(storage, Tx.count_checkpoints) == 5
+    assert r(storage, Tx.count_checkpoints, "nope") == 0
+
+
+def test_100_concurrent_saves_of_one_checkpoint_keep_exactly_one_state(storage):
+    running(storage)
+    states = [f"state-{n}".encode() for n in range(100)]
+    futures = [storage.write(Tx.save_checkpoint, "i-1", "contested", state, T0) for state in states]
+    answers = [future.result(timeout=60) for future in futures]
+    winners = [state for state, answer in zip(states, answers) if answer is None]
+    assert len(winners) == 1
+    assert all(answer in (None, winners[0]) for answer in answers)
+    assert r(storage, Tx.count_checkpoints, "i-1") == 1
+    assert r(storage, Tx.get_checkpoint, "i-1", "contested") == winners[0]
+
+
+def test_100_concurrent_saves_from_many_threads(storage):
+    running(storage)
+    barrier = threading.Barrier(20)
+
+    def save(n):
+        barrier.wait()
+        return storage.write(Tx.save_checkpoint, "i-1", "contested", f"s-{n}".encode(), T0).result(timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(save, range(100)))
+    saved = r(storage, Tx.get_checkpoint, "i-1", "contested")
+    assert answers.count(None) == 1 and all(a in (None, saved) for a in answers)
+
+
+# -- events -------------------------------------------------------------------------------------
+
+
+def test_events_list_newest_first_with_filters(storage):
+    running(storage)
+    w(storage, Tx.insert_event, "i-1", "started", T0)
+    for n in range(4):
+        w(storage, Tx.insert_event, "i-1", "custom", T0 + n, subtype="even" if n % 2 == 0 else "odd",
+          checkpoint_id=f"c-{n}", payload=bytes([n, 255]))
+    events = r(storage, Tx.list_events, "i-1")
+    assert [e["event_type"] for e in events] == ["custom"] * 4 + ["started"]
+    assert events[0] == {"id": events[0]["id"], "event_type": "custom", "subtype": "odd", "checkpoint_id": "c-3",
+                         "payload": b"\x03\xff", "created_at_ms": T0 + 3}
+    assert [e["checkpoint_id"] for e in r(storage, Tx.list_events, "i-1", subtype="even")] == ["c-2", "c-0"]
+    assert r(storage, Tx.count_events, "i-1", event_type="custom") == 4
+    assert r(storage, Tx.count_events, "i-1", event_type="custom", subtype="odd") == 2
+    assert len(r(storage, Tx.list_events, "i-1", limit=2, offset=3)) == 2
+
+
+# -- signals ------------------------------------------------------------------------------------
+
+
+def test_one_pending_signal_newer_replaces_older(storage):
+    running(storage)
+    assert r(storage, Tx.get_signal, "i-1") is None
+    w(storage, Tx.put_signal, "i-1", "pause", b"p", T0)
+    w(storage, Tx.put_signal, "i-1", "cancel", b"\x00c", T0 + 1)
+    assert r(storage, Tx.get_signal, "i-1") == {"signal_type": "cancel", "payload": b"\x00c", "created_at_ms": T0 + 1}
+    assert w(storage, Tx.ack_signal, "i-1", "pause") is False  # the replaced one is gone
+    assert w(storage, Tx.ack_signal, "i-1", "cancel") is True
+    assert r(storage, Tx.get_signal, "i-1") is None
+
+
+def test_signal_for_missing_instance_is_refused_by_the_database(storage):
+    with pytest.raises(Exception):
+        w(storage, Tx.put_signal, "nope", "cancel", b"", T0)
+
+
+def test_custom_signals_are_keyed_replaced_and_taken_once(storage):
+    running(storage)
+    w(storage, Tx.put_custom_signal, "i-1", "c-1", b"old", T0)
+    w(storage, Tx.put_custom_signal, "i-1", "c-1", b"new", T0 + 1)
+    w(storage, Tx.put_custom_signal, "i-1", "c-2", b"other", T0)
+    assert w(storage, Tx.take_custom_signal, "i-1", "c-1") == b"new"
+    assert w(storage, Tx.take_custom_signal, "i-1", "c-1") is None
+    assert w(storage, Tx.take_custom_signal, "i-1", "c-2") == b"other"
+
+
+# -- sleep and wake -----------------------------------------------------------------------------
+
+
+def test_sleep_and_due_wakes(storage):
+    for name in ("due", "later", "resumed", "awake"):
+        running(storage, name)
+    w(storage, Tx.set_sleep, "due", T0 + 100)
+    w(storage, Tx.set_sleep, "later", T0 + 10_000)
+    w(storage, Tx.set_sleep, "awake", T0 + 50)
+    for name in ("due", "later", "resumed"):
+        w(storage, Tx.transition, name, "suspended", ("running",), T0)
+    w(storage, Tx.put_signal, "resumed", "resume", b"", T0)
+    assert sorted(i["instance_id"] for i in r(storage, Tx.due_wakes, T0 + 200)) == ["due", "resumed"]
+    w(storage, Tx.clear_sleep, "due")
+    assert [i["instance_id"] for i in r(storage, Tx.due_wakes, T0 + 200)] == ["resumed"]
+
+
+def test_health_and_size(storage):
+    assert r(storage, Tx.health) is True
+    assert r(storage, Tx.database_size) > 0
+
+
+# -- group commit -------------------------------------------------------------------------------
+
+
+class Refused(Exception):
+    pass
+
+
+def _write_then_fail(tx, instance_id):
+    tx.create_instance(instance_id, "t", T0)
+    raise Refused(instance_id)
+
+
+def test_a_failing_write_fails_alone_and_the_others_land(storage):
+    futures = []
+    for n in range(30):
+        if n == 13:
+            futures.append(storage.write(_write_then_fail, "doomed"))
+        else:
+            futures.append(storage.write(Tx.create_instance, f"ok-{n}", "t", T0))
+    for n, future in enumerate(futures):
+        if n == 13:
+            with pytest.raises(Refused):
+                future.result(timeout=30)
+        else:
+            assert future.result(timeout=30) is True
+    assert r(storage, Tx.get_instance, "doomed") is None  # its own write was undone
+    assert r(storage, Tx.count_instances) == 29
+
+
+def test_sqlite_groups_queued_writes_into_one_commit(tmp_path):
+    with rc.open_storage(f"sqlite:///{tmp_path / 'g.db'}") as storage:
+        gate = threading.Event()
+        blocker = storage.write(lambda tx: gate.wait(10))
+        futures = [storage.write(Tx.create_instance, f"i-{n}", "t", T0) for n in range(50)]
+        futures.append(storage.write(_write_then_fail, "doomed"))
+
+        def data_version(tx):  # changes for other connections' commits only
+            return tx.value("PRAGMA data_version")
+        before = r(storage, data_version)
+        gate.set()
+        blocker.result(timeout=30)
+        assert all(f.result(timeout=30) for f in futures[:-1])
+        with pytest.raises(Refused):
+            futures[-1].result(timeout=30)
+        assert r(storage, data_version) - before <= 2  # the blocker's batch, then one for all 51 queued writes
+        assert r(storage, Tx.count_instances) == 50
+
+
+def test_reads_do_not_wait_for_a_long_write(tmp_path):
+    with rc.open_storage(f"sqlite:///{tmp_path / 'r.db'}") as storage:
+        w(storage, Tx.create_instance, "i-1", "t", T0)
+        gate = threading.Event()
+        blocker = storage.write(lambda tx: (tx.create_instance("i-2", "t", T0), gate.wait(10)))
+        assert r(storage, Tx.count_instances) == 1  # answered while the writer holds its transaction
+        gate.set()
+        blocker.result(timeout=30)
+        assert r(storage, Tx.count_instances) == 2
+
+
+@pytest.mark.skipif(not TEST_DATABASE_URL, reason="TEST_DATABASE_URL is not set")
+def test_postgresql_migrations_race_safely_between_two_processes(postgres_url):
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        storages = list(pool.map(lambda _: rc.open_storage(postgres_url), range(4)))
+    for storage in storages:
+        assert all(at is not None for _, _, at in storage.migration_status())
+        storage.close()
