@@ -1567,6 +1567,7 @@ class QuicTransport:
     under way fails with ConnectionLost and the next one connects again."""
 
     KEEPALIVE_S = 20.0
+    CONNECT_TIMEOUT_S = 10.0
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8001, *, ca_file: str | None = None,
                  skip_cert_verification: bool = False, on_connect: Callable | None = None):
@@ -1611,7 +1612,7 @@ class QuicTransport:
             try:
                 protocol = await asyncio.wait_for(stack.enter_async_context(connect(
                     self.host.strip("[]"), self.port, configuration=self._configuration(),
-                    create_protocol=_client_protocol())), timeout=10)
+                    create_protocol=_client_protocol())), timeout=self.CONNECT_TIMEOUT_S)
             except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
                 await stack.aclose()
                 raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc or type(exc).__name__}") from None
@@ -1985,15 +1986,15 @@ def build_cli():
     @app.command()
     def serve(
         database_url: str = DatabaseUrl,
-        host: str = typer.Option(None, envvar="RUNTARA_HOST", help="Address to bind [default: 127.0.0.1]"),
-        port: int = typer.Option(None, envvar="RUNTARA_QUIC_PORT", help="UDP port [default: 8001]"),
-        tls_cert: str = typer.Option(None, envvar="RUNTARA_TLS_CERT", help="PEM certificate"),
-        tls_key: str = typer.Option(None, envvar="RUNTARA_TLS_KEY", help="PEM private key"),
+        host: str = typer.Option(None, help="Address to bind [env RUNTARA_HOST; default 127.0.0.1]"),
+        port: int = typer.Option(None, help="UDP port [env RUNTARA_QUIC_PORT; default 8001]"),
+        tls_cert: str = typer.Option(None, help="PEM certificate [env RUNTARA_TLS_CERT]"),
+        tls_key: str = typer.Option(None, help="PEM private key [env RUNTARA_TLS_KEY]"),
         insecure: bool = typer.Option(False, help="Allow a non-loopback address without RUNTARA_SECRET"),
-        max_concurrent_instances: int = typer.Option(None, envvar="RUNTARA_MAX_CONCURRENT_INSTANCES"),
-        sleep_inline_max_ms: int = typer.Option(None, envvar="RUNTARA_SLEEP_INLINE_MAX_MS"),
-        heartbeat_timeout_ms: int = typer.Option(None, envvar="RUNTARA_HEARTBEAT_TIMEOUT_MS"),
-        launch: str = typer.Option(None, envvar="RUNTARA_LAUNCH_COMMAND", help="Command that relaunches an instance"),
+        max_concurrent_instances: int = typer.Option(None, help="[env RUNTARA_MAX_CONCURRENT_INSTANCES; default 32]"),
+        sleep_inline_max_ms: int = typer.Option(None, help="[env RUNTARA_SLEEP_INLINE_MAX_MS; default 60000]"),
+        heartbeat_timeout_ms: int = typer.Option(None, help="[env RUNTARA_HEARTBEAT_TIMEOUT_MS; default 120000]"),
+        launch: str = typer.Option(None, help="Command that relaunches due instances [env RUNTARA_LAUNCH_COMMAND]"),
         log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR"),
     ):
         """Run the QUIC server until SIGINT or SIGTERM."""
