@@ -1968,20 +1968,195 @@ class Client(_Caller):
 # =============================================================================================
 
 
+DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w)")
+DURATION_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+
+def parse_duration(text: str) -> int:
+    """'30d', '12h', '1h30m', '500ms' -> milliseconds."""
+    parts = DURATION.findall(text.strip().lower())
+    if not parts or "".join(n + unit for n, unit in parts) != text.strip().lower():
+        raise ValueError(f"bad duration {text!r}: use a number and a unit (ms, s, m, h, d, w), like 30d or 1h30m")
+    return sum(int(n) * DURATION_MS[unit] for n, unit in parts)
+
+
+def _format_ms(ms: int | None, short: bool = False) -> str:
+    if ms is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ms / 1000).astimezone().strftime("%m-%d %H:%M:%S" if short
+                                                                             else "%Y-%m-%d %H:%M:%S")
+
+
+def _format_age(ms: int | None, now: int) -> str:
+    if ms is None:
+        return "-"
+    seconds = max(0, now - ms) // 1000
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def _format_size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+
+
+def decode_state(state: bytes) -> tuple[str, Any]:
+    """Guess what a state holds: ('json' | 'msgpack' | 'text' | 'binary', value)."""
+    import json
+
+    try:
+        text = state.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None:
+        with contextlib.suppress(ValueError):
+            return "json", json.loads(text)
+    with contextlib.suppress(Exception):
+        return "msgpack", msgpack.unpackb(state, raw=False, strict_map_key=False)
+    if text is not None:
+        return "text", text
+    return "binary", state
+
+
+def _to_json(data) -> str:
+    import base64
+    import json
+
+    def default(value):
+        if isinstance(value, (bytes, bytearray)):
+            return base64.b64encode(value).decode()
+        return repr(value)
+    return json.dumps(data, default=default, indent=2, ensure_ascii=False)
+
+
+STATUS_STYLES = {"pending": "dim", "running": "green", "suspended": "yellow", "completed": "blue",
+                 "failed": "red", "cancelled": "magenta"}
+
+
+def _gc_summary(tx: Tx, before: int) -> dict:
+    where = " IN (SELECT instance_id FROM instances WHERE status IN ('completed', 'failed', 'cancelled')" \
+            " AND finished_at_ms < ?)"
+    return {"instances": tx.value("SELECT count(*) FROM instances WHERE instance_id" + where, before),
+            "checkpoints": tx.value("SELECT count(*) FROM checkpoints WHERE instance_id" + where, before),
+            "events": tx.value("SELECT count(*) FROM events WHERE instance_id" + where, before)}
+
+
+def _stats(tx: Tx) -> dict:
+    oldest = tx.row("SELECT instance_id, started_at_ms FROM instances WHERE status = 'running'"
+                    " ORDER BY started_at_ms LIMIT 1")
+    return {"instances": tx.count_by_status(), "checkpoints": tx.count_checkpoints(), "events": tx.count_events(),
+            "database_bytes": tx.database_size(),
+            "oldest_running": oldest and {"instance_id": oldest[0], "started_at_ms": oldest[1]}}
+
+
+def _show(tx: Tx, instance_id: str, checkpoints: int, events: int) -> dict:
+    instance = _existing(tx, instance_id)
+    return {"instance": instance, "signal": tx.get_signal(instance_id),
+            "checkpoints": tx.list_checkpoints(instance_id, limit=checkpoints),
+            "checkpoint_count": tx.count_checkpoints(instance_id),
+            "events": tx.list_events(instance_id, limit=events), "event_count": tx.count_events(instance_id)}
+
+
+def _checkpoint_state(tx: Tx, instance_id: str, checkpoint_id: str) -> bytes:
+    _existing(tx, instance_id)
+    state = tx.get_checkpoint(instance_id, checkpoint_id)
+    if state is None:
+        raise CheckpointNotFound(f"instance {instance_id} has no checkpoint {checkpoint_id}")
+    return state
+
+
 def build_cli():
     """The `runtara` command. typer and rich are imported here, so embedding the engine never pays for them."""
     import typer
-    from rich.console import Console
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.panel import Panel
+    from rich.pretty import Pretty
+    from rich.progress import Progress
+    from rich.table import Table
 
     app = typer.Typer(help="runtara-core: a durable execution engine.", no_args_is_help=True,
                       pretty_exceptions_enable=False, add_completion=False)
     out, err = Console(), Console(stderr=True)
     DatabaseUrl = typer.Option(None, "--database-url", envvar="RUNTARA_DATABASE_URL", show_envvar=True,
                                help=f"Database URL [default: {DEFAULT_DATABASE_URL}]")
+    Json = typer.Option(False, "--json", help="Print JSON only (bytes as base64)")
+    Limit = typer.Option(50, min=1, max=1000, help="How many rows at most")
 
     def fail(message: str) -> typer.Exit:
-        err.print(f"[red]error:[/red] {message}", highlight=False)
+        err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
         return typer.Exit(1)
+
+    class Database:
+        """The storage, answering blocking calls for the commands."""
+
+        def __init__(self, storage: Storage):
+            self.storage = storage
+
+        def read(self, fn, *args, **kwargs):
+            return self.storage.read(fn, *args, **kwargs).result()
+
+        def write(self, fn, *args, **kwargs):
+            return self.storage.write(fn, *args, **kwargs).result()
+
+    @contextlib.contextmanager
+    def database(url: str | None, create: bool = False):
+        """Open the database (never creating one unless asked); any RuntaraError becomes exit 1."""
+        try:
+            with open_storage(url or DEFAULT_DATABASE_URL, create=create) as storage:
+                yield Database(storage)
+        except (RuntaraError, ValueError) as exc:
+            raise fail(str(exc))
+
+    def duration(text: str) -> int:
+        try:
+            return parse_duration(text)
+        except ValueError as exc:
+            raise fail(str(exc))
+
+    def emit_json(data) -> None:
+        typer.echo(_to_json(data))
+
+    def status_text(status: str) -> str:
+        return f"[{STATUS_STYLES.get(status, 'white')}]{status}[/]"
+
+    def instances_table(instances: list[dict], title: str | None = None) -> Table:
+        now = now_ms()
+        table = Table("instance", "tenant", title=title)
+        table.add_column("status", min_width=9)
+        table.add_column("checkpoint")
+        for heading in ("created", "started", "finished", "heartbeat"):
+            table.add_column(heading, no_wrap=True)
+        for i in instances:
+            table.add_row(i["instance_id"], i["tenant_id"], status_text(i["status"]), i["checkpoint_id"] or "-",
+                          *(_format_ms(i[key], short=True) for key in ("created_at_ms", "started_at_ms",
+                                                                       "finished_at_ms")),
+                          _format_age(i["heartbeat_at_ms"], now))
+        return table
+
+    def checkpoints_table(checkpoints: list[dict], title: str | None = None) -> Table:
+        table = Table("checkpoint", "saved", "size", title=title)
+        for c in checkpoints:
+            table.add_row(c["checkpoint_id"], _format_ms(c["created_at_ms"]), _format_size(c["size"]))
+        return table
+
+    def payload_preview(payload: bytes | None) -> str:
+        if not payload:
+            return ""
+        kind, value = decode_state(payload)
+        text = repr(value) if kind in ("msgpack", "binary") else str(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    def events_table(events: list[dict], title: str | None = None) -> Table:
+        table = Table("id", "time", "type", "subtype", "checkpoint", "payload", title=title)
+        for e in events:
+            table.add_row(str(e["id"]), _format_ms(e["created_at_ms"]), e["event_type"], e.get("subtype") or "",
+                          e.get("checkpoint_id") or "", payload_preview(e.get("payload")))
+        return table
 
     @app.command()
     def serve(
@@ -2011,26 +2186,185 @@ def build_cli():
 
     @app.command()
     def migrate(database_url: str = DatabaseUrl):
-        """Apply pending migrations and list them all."""
-        from rich.table import Table
-
+        """Apply pending migrations; list applied and pending ones."""
         try:
             with open_storage(database_url or DEFAULT_DATABASE_URL, migrate=False) as storage:
                 applied = storage.migrate(progress=lambda v, name: err.print(f"applying {v:03d}_{name}"))
                 table = Table("version", "name", "applied")
                 for version, name, at in storage.migration_status():
                     table.add_row(f"{version:03d}", name, _format_ms(at) + (" (now)" if version in applied else ""))
-            out.print(table)
         except RuntaraError as exc:
             raise fail(str(exc))
+        out.print(table)
+
+    @app.command()
+    def instances(
+        database_url: str = DatabaseUrl,
+        status: str = typer.Option(None, help="Only this status: " + ", ".join(STATUSES)),
+        tenant: str = typer.Option(None, help="Only this tenant"),
+        since: str = typer.Option(None, help="Only created within this long, like 1h or 7d"),
+        limit: int = Limit,
+        json: bool = Json,
+    ):
+        """List instances, newest first."""
+        if status is not None and status not in STATUSES:
+            raise fail(f"unknown status {status!r}: use one of {', '.join(STATUSES)}")
+        created_since = None if since is None else now_ms() - duration(since)
+        with database(database_url) as db:
+            rows = db.read(Tx.list_instances, tenant_id=tenant, status=status, since=created_since, limit=limit)
+            total = db.read(Tx.count_instances, tenant_id=tenant, status=status, since=created_since)
+        if json:
+            return emit_json({"instances": rows, "total_count": total})
+        out.print(instances_table(rows, title=f"{len(rows)} of {total} instances"))
+
+    @app.command()
+    def show(instance_id: str, database_url: str = DatabaseUrl, json: bool = Json):
+        """Everything about one instance."""
+        with database(database_url) as db:
+            shown = db.read(_show, instance_id, 5, 10)
+        if json:
+            return emit_json(shown)
+        i, signal = shown["instance"], shown["signal"]
+        facts = Table.grid(padding=(0, 2))
+        facts.add_row("status", status_text(i["status"]))
+        facts.add_row("tenant", i["tenant_id"])
+        for label, key in (("created", "created_at_ms"), ("started", "started_at_ms"),
+                           ("finished", "finished_at_ms"), ("heartbeat", "heartbeat_at_ms"),
+                           ("wakes at", "sleep_until_ms")):
+            facts.add_row(label, _format_ms(i[key]))
+        facts.add_row("latest checkpoint", i["checkpoint_id"] or "-")
+        facts.add_row("pending signal", "-" if signal is None else
+                      f"{signal['signal_type']} (sent {_format_ms(signal['created_at_ms'])})")
+        if i["output"] is not None:
+            facts.add_row("output", Pretty(decode_state(i["output"])[1]))
+        if i["error"] is not None:
+            facts.add_row("error", f"[red]{i['error']}[/]")
+        out.print(Panel(Group(
+            facts,
+            checkpoints_table(shown["checkpoints"], title=f"newest checkpoints ({shown['checkpoint_count']} in all)"),
+            events_table(shown["events"], title=f"newest events ({shown['event_count']} in all)")),
+            title=f"instance {instance_id}"))
+
+    @app.command()
+    def checkpoints(instance_id: str, database_url: str = DatabaseUrl, limit: int = Limit, json: bool = Json):
+        """List an instance's checkpoints, newest first."""
+        with database(database_url) as db:
+            listed = db.read(_list_checkpoints, instance_id, limit, 0)
+        if json:
+            return emit_json(listed)
+        out.print(checkpoints_table(listed["checkpoints"],
+                                    title=f"{len(listed['checkpoints'])} of {listed['total_count']} checkpoints"))
+
+    @app.command()
+    def checkpoint(instance_id: str, checkpoint_id: str, database_url: str = DatabaseUrl,
+                   raw: bool = typer.Option(False, "--raw", help="Write the exact bytes to stdout"),
+                   json: bool = Json):
+        """Print one checkpoint's state, decoded when it is msgpack, JSON or text."""
+        with database(database_url) as db:
+            state = db.read(_checkpoint_state, instance_id, checkpoint_id)
+        if raw:
+            sys.stdout.buffer.write(state)
+            sys.stdout.flush()
+            return
+        kind, value = decode_state(state)
+        if json:
+            return emit_json({"checkpoint_id": checkpoint_id, "format": kind, "size": len(state), "value": value})
+        err.print(f"{checkpoint_id}: {_format_size(len(state))}, {kind}")
+        out.print(value if kind == "text" else Pretty(value))
+
+    @app.command()
+    def events(instance_id: str, database_url: str = DatabaseUrl,
+               type: str = typer.Option(None, "--type", help="Only this event type"),
+               subtype: str = typer.Option(None, help="Only this subtype"), limit: int = Limit, json: bool = Json):
+        """List an instance's events, newest first."""
+        with database(database_url) as db:
+            listed = db.read(_list_events, instance_id, type, subtype, limit, 0)
+        if json:
+            return emit_json(listed)
+        out.print(events_table(listed["events"], title=f"{len(listed['events'])} of {listed['total_count']} events"))
+
+    @app.command()
+    def signal(instance_id: str, signal_type: str = typer.Argument(..., help="cancel, pause or resume"),
+               payload: str = typer.Option(None, help="Text delivered with the signal"),
+               database_url: str = DatabaseUrl):
+        """Send cancel, pause or resume to an instance."""
+        if signal_type not in SIGNAL_TYPES:
+            raise fail(f"unknown signal {signal_type!r}: use cancel, pause or resume")
+        with database(database_url) as db:
+            db.write(_send_signal, instance_id, signal_type, (payload or "").encode(), now_ms())
+        err.print(f"sent {signal_type} to {instance_id}")
+
+    @app.command("custom-signal")
+    def custom_signal(instance_id: str, checkpoint_id: str,
+                      payload: str = typer.Option(None, help="Text delivered with the signal"),
+                      database_url: str = DatabaseUrl):
+        """Leave a signal for the instance's next checkpoint or poll naming CHECKPOINT_ID."""
+        with database(database_url) as db:
+            db.write(_send_custom_signal, instance_id, checkpoint_id, (payload or "").encode(), now_ms())
+        err.print(f"left a signal for {instance_id} at checkpoint {checkpoint_id}")
+
+    @app.command()
+    def stats(database_url: str = DatabaseUrl, json: bool = Json):
+        """Instances by status, checkpoints, events, database size, the oldest running instance."""
+        with database(database_url) as db:
+            numbers = db.read(_stats)
+        if json:
+            return emit_json(numbers)
+        table = Table("what", "how many", title="runtara-core")
+        for status in STATUSES:
+            table.add_row(status_text(status), str(numbers["instances"].get(status, 0)))
+        table.add_row("checkpoints", str(numbers["checkpoints"]))
+        table.add_row("events", str(numbers["events"]))
+        table.add_row("database size", _format_size(numbers["database_bytes"]))
+        oldest = numbers["oldest_running"]
+        table.add_row("oldest running", "-" if oldest is None else
+                      f"{oldest['instance_id']} (since {_format_ms(oldest['started_at_ms'])})")
+        out.print(table)
+
+    @app.command()
+    def gc(older_than: str = typer.Option(..., help="Finished longer ago than this, like 30d"),
+           dry_run: bool = typer.Option(False, "--dry-run", help="Only count what would go"),
+           batch_size: int = typer.Option(500, min=1, max=10_000), database_url: str = DatabaseUrl,
+           json: bool = Json):
+        """Delete terminal instances finished before the cutoff, with their checkpoints, events and signals."""
+        before = now_ms() - duration(older_than)
+        with database(database_url) as db:
+            summary = db.read(_gc_summary, before)
+            removed = 0
+            if not dry_run and summary["instances"]:
+                with Progress(console=err, transient=False) as progress:
+                    task = progress.add_task("deleting", total=summary["instances"])
+                    while batch := db.write(Tx.delete_finished, before, batch_size):
+                        removed += len(batch)
+                        progress.advance(task, len(batch))
+        result = {**summary, "dry_run": dry_run, "removed_instances": removed}
+        if json:
+            return emit_json(result)
+        verb = "would remove" if dry_run else "removed"
+        out.print(f"{verb} {summary['instances'] if dry_run else removed} instances finished before"
+                  f" {_format_ms(before)}, with {summary['checkpoints']} checkpoints and {summary['events']} events")
+
+    @app.command()
+    def watch(database_url: str = DatabaseUrl, status: str = typer.Option(None), tenant: str = typer.Option(None),
+              interval: float = typer.Option(1.0, min=0.1, help="Seconds between refreshes"),
+              limit: int = typer.Option(30, min=1, max=1000),
+              iterations: int = typer.Option(0, min=0, help="Stop after this many refreshes (0: until Ctrl-C)")):
+        """A live table of instances."""
+        def snapshot(db) -> Table:
+            rows = db.read(Tx.list_instances, tenant_id=tenant, status=status, limit=limit)
+            counts = db.read(Tx.count_by_status)
+            summary = "  ".join(f"{status_text(s)} {counts.get(s, 0)}" for s in STATUSES)
+            return instances_table(rows, title=f"{summary}  ({_format_ms(now_ms())})")
+
+        with database(database_url) as db, Live(snapshot(db), console=out, auto_refresh=False) as live:
+            shown = 1
+            with contextlib.suppress(KeyboardInterrupt):
+                while iterations == 0 or shown < iterations:
+                    time.sleep(interval)
+                    live.update(snapshot(db), refresh=True)
+                    shown += 1
 
     return app
-
-
-def _format_ms(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    return datetime.datetime.fromtimestamp(ms / 1000).astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def main(argv: list[str] | None = None) -> None:

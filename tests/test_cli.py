@@ -1,0 +1,189 @@
+"""The CLI against databases a real server filled over QUIC, on SQLite and PostgreSQL."""
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import pytest
+from typer.testing import CliRunner
+
+import runtara_core as rc
+from conftest import addr, run
+
+ROOT = Path(__file__).resolve().parent.parent
+app = rc.build_cli()
+
+
+def cli(*args, code=0):
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    assert result.exit_code == code, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    return result
+
+
+def cli_json(*args):
+    return json.loads(cli(*args, "--json").stdout)
+
+
+@pytest.fixture
+def filled(server, database_url):
+    """A server-filled database: a finished workflow, a running one, a failed one."""
+    async def fill():
+        def inst(name, tenant="shop"):
+            return rc.Instance(name, tenant, server_addr=addr(server), heartbeat_interval_ms=0, env={})
+        async with inst("order-1") as done:
+            await done.checkpoint("fetch", msgpack.packb({"orders": [1, 2]}))
+            await done.checkpoint("charge", b'{"total": 3}')
+            await done.checkpoint("note", "plain text, ünïcode".encode())
+            await done.checkpoint("blob", b"\xff\x00\xfe")
+            await done.event("progress", b"half", checkpoint_id="charge")
+            await done.completed(b"charged 3")
+        running = inst("order-2")
+        await running.register()
+        await running.checkpoint("fetch", msgpack.packb([]))
+        await running.close()
+        async with inst("report-1", tenant="reports") as failed:
+            await failed.failed("printer on fire")
+    run(fill())
+    return database_url
+
+
+def test_instances_table_and_json(filled):
+    table = cli("instances", "--database-url", filled).stdout
+    assert "order-1" in table and "order-2" in table and "report-1" in table and "3 of 3 instances" in table
+    listed = cli_json("instances", "--database-url", filled)
+    assert listed["total_count"] == 3 and {i["instance_id"] for i in listed["instances"]} == {"order-1", "order-2",
+                                                                                            "report-1"}
+    done = next(i for i in listed["instances"] if i["instance_id"] == "order-1")
+    assert base64.b64decode(done["output"]) == b"charged 3"
+    assert [i["instance_id"] for i in cli_json("instances", "--database-url", filled, "--status", "running")[
+        "instances"]] == ["order-2"]
+    assert cli_json("instances", "--database-url", filled, "--tenant", "reports")["total_count"] == 1
+    assert cli_json("instances", "--database-url", filled, "--since", "1h")["total_count"] == 3
+    assert cli_json("instances", "--database-url", filled, "--limit", "1")["total_count"] == 3
+    cli("instances", "--database-url", filled, "--status", "sleeping", code=1)
+
+
+def test_show(filled):
+    shown = cli("show", "order-1", "--database-url", filled).stdout
+    for text in ("completed", "charged 3", "blob", "progress", "newest checkpoints (4 in all)"):
+        assert text in shown
+    assert "printer on fire" in cli("show", "report-1", "--database-url", filled).stdout
+    data = cli_json("show", "order-2", "--database-url", filled)
+    assert data["instance"]["status"] == "running" and data["checkpoint_count"] == 1
+
+
+def test_checkpoints_and_decoded_states(filled):
+    listed = cli_json("checkpoints", "order-1", "--database-url", filled)
+    assert [c["checkpoint_id"] for c in listed["checkpoints"]] == ["blob", "note", "charge", "fetch"]
+    assert "fetch" in cli("checkpoints", "order-1", "--database-url", filled).stdout
+    assert cli_json("checkpoint", "order-1", "fetch", "--database-url", filled)["value"] == {"orders": [1, 2]}
+    decoded = cli_json("checkpoint", "order-1", "charge", "--database-url", filled)
+    assert decoded["format"] == "json" and decoded["value"] == {"total": 3}
+    assert cli_json("checkpoint", "order-1", "note", "--database-url", filled)["value"] == "plain text, ünïcode"
+    assert cli_json("checkpoint", "order-1", "blob", "--database-url", filled)["format"] == "binary"
+    assert "'orders'" in cli("checkpoint", "order-1", "fetch", "--database-url", filled).stdout
+
+
+def test_raw_checkpoint_is_the_exact_bytes(filled):
+    raw = subprocess.run([sys.executable, str(ROOT / "runtara_core.py"), "checkpoint", "order-1", "blob", "--raw",
+                          "--database-url", filled], capture_output=True, timeout=60)
+    assert raw.returncode == 0 and raw.stdout == b"\xff\x00\xfe"
+
+
+def test_events(filled):
+    listed = cli_json("events", "order-1", "--database-url", filled)
+    assert [e["event_type"] for e in listed["events"]] == ["completed", "custom", "started"]
+    custom = cli_json("events", "order-1", "--database-url", filled, "--type", "custom", "--subtype", "progress")
+    assert custom["total_count"] == 1 and base64.b64decode(custom["events"][0]["payload"]) == b"half"
+    assert "progress" in cli("events", "order-1", "--database-url", filled).stdout
+
+
+def test_signals_reach_the_instance(filled, server):
+    cli("signal", "order-2", "pause", "--payload", "maintenance", "--database-url", filled)
+    cli("custom-signal", "order-2", "approve", "--payload", "yes", "--database-url", filled)
+
+    async def poll():
+        async with rc.Instance("order-2", "shop", server_addr=addr(server), heartbeat_interval_ms=0,
+                               env={}) as inst:
+            return await inst.poll_signals("approve")
+    polled = run(poll())
+    assert polled["signal"]["signal_type"] == "pause" and polled["signal"]["payload"] == b"maintenance"
+    assert polled["custom_signal"]["payload"] == b"yes"
+    assert "no more signals" in cli("signal", "order-1", "cancel", "--database-url", filled, code=1).stderr
+    cli("signal", "order-2", "explode", "--database-url", filled, code=1)
+
+
+def test_stats(filled):
+    numbers = cli_json("stats", "--database-url", filled)
+    assert numbers["instances"] == {"completed": 1, "running": 1, "failed": 1}
+    assert numbers["checkpoints"] == 5 and numbers["events"] >= 6 and numbers["database_bytes"] > 0
+    assert numbers["oldest_running"]["instance_id"] == "order-2"
+    assert "oldest running" in cli("stats", "--database-url", filled).stdout
+
+
+def test_gc_removes_exactly_what_it_says(filled):
+    def older(tx):  # make order-1 finish 40 days ago; report-1 stays recent
+        tx.rows("UPDATE instances SET finished_at_ms = ? WHERE instance_id = 'order-1'", rc.now_ms() - 40 * 86_400_000)
+    with rc.open_storage(filled) as storage:
+        storage.write(older).result()
+    dry = cli_json("gc", "--older-than", "30d", "--dry-run", "--database-url", filled)
+    assert dry == {"instances": 1, "checkpoints": 4, "events": 3, "dry_run": True, "removed_instances": 0}
+    assert cli_json("stats", "--database-url", filled)["instances"]["completed"] == 1  # nothing went
+    done = cli("gc", "--older-than", "30d", "--database-url", filled, "--batch-size", "1")
+    assert "removed 1 instances" in done.stdout
+    left = cli_json("instances", "--database-url", filled)
+    assert {i["instance_id"] for i in left["instances"]} == {"order-2", "report-1"}
+    assert cli_json("stats", "--database-url", filled)["checkpoints"] == 1
+    assert cli_json("gc", "--older-than", "1ms", "--database-url", filled)["removed_instances"] == 1  # report-1
+    assert cli_json("instances", "--database-url", filled)["instances"][0]["status"] == "running"  # never touched
+
+
+def test_watch_refreshes(filled):
+    shown = cli("watch", "--database-url", filled, "--interval", "0.1", "--iterations", "2").stdout
+    assert "order-2" in shown and "running" in shown
+
+
+def test_migrate_lists_migrations(tmp_path):
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    result = cli("migrate", "--database-url", url)
+    assert "001" in result.stdout and "(now)" in result.stdout and "applying 001_initial" in result.stderr
+    assert "(now)" not in cli("migrate", "--database-url", url).stdout
+
+
+def test_clear_errors(filled, tmp_path):
+    assert "no instance ghost" in cli("show", "ghost", "--database-url", filled, code=1).stderr
+    assert "no checkpoint nope" in cli("checkpoint", "order-1", "nope", "--database-url", filled, code=1).stderr
+    cli("events", "ghost", "--database-url", filled, code=1)
+    missing = tmp_path / "missing.db"
+    assert "no database at" in cli("instances", "--database-url", f"sqlite:///{missing}", code=1).stderr
+    assert not missing.exists()
+    assert "bad duration" in cli("gc", "--older-than", "soon", "--database-url", filled, code=1).stderr
+    assert "cannot reach PostgreSQL" in cli("stats", "--database-url", "postgresql://x@127.0.0.1:1/db",
+                                            code=1).stderr
+
+
+def test_json_output_is_only_json_in_a_real_process(filled):
+    done = subprocess.run([sys.executable, str(ROOT / "runtara_core.py"), "instances", "--json", "--database-url",
+                           filled], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["total_count"] == 3
+
+
+def test_importing_the_engine_does_not_import_the_cli_libraries():
+    probe = "import sys, runtara_core; print(any(m in sys.modules for m in ('typer', 'rich', 'aioquic')))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr
+
+
+@pytest.mark.parametrize("text, ms", [("30d", 30 * 86_400_000), ("1h30m", 5_400_000), ("500ms", 500), ("2w", 1_209_600_000)])
+def test_durations(text, ms):
+    assert rc.parse_duration(text) == ms
+
+
+@pytest.mark.parametrize("text", ["", "30", "d", "3x", "1h 30m", "-1d"])
+def test_bad_durations(text):
+    with pytest.raises(ValueError, match="bad duration"):
+        rc.parse_duration(text)
