@@ -89,6 +89,7 @@ class Settings:
     wake_interval_ms: int = 1_000
     launch_command: str | None = None
     launch_timeout_ms: int = 30_000
+    launch_max_attempts: int = 5
     sqlite_synchronous: str = "FULL"
 
     @classmethod
@@ -108,6 +109,7 @@ class Settings:
             wake_interval_ms=_env_int(env, "RUNTARA_WAKE_INTERVAL_MS", 1_000),
             launch_command=env.get("RUNTARA_LAUNCH_COMMAND") or None,
             launch_timeout_ms=_env_int(env, "RUNTARA_LAUNCH_TIMEOUT_MS", 30_000),
+            launch_max_attempts=_env_int(env, "RUNTARA_LAUNCH_MAX_ATTEMPTS", 5),
             sqlite_synchronous=(env.get("RUNTARA_SQLITE_SYNCHRONOUS") or "FULL").upper(),
         )
         settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
@@ -121,6 +123,8 @@ class Settings:
             raise ValueError("RUNTARA_SQLITE_SYNCHRONOUS must be FULL or NORMAL")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"RUNTARA_QUIC_PORT must be a UDP port number, not {self.port}")
+        if self.launch_command is not None and not shlex.split(self.launch_command):
+            raise ValueError("the launch command is empty")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("RUNTARA_TLS_CERT and RUNTARA_TLS_KEY must be set together")
 
@@ -414,6 +418,8 @@ POSTGRESQL = Dialect("postgresql", "%s", " FOR UPDATE", " FOR UPDATE SKIP LOCKED
 INSTANCE_COLUMNS = ("instance_id", "tenant_id", "status", "checkpoint_id", "created_at_ms", "started_at_ms",
                     "finished_at_ms", "heartbeat_at_ms", "sleep_until_ms", "output", "error")
 _INSTANCE_SELECT = "SELECT " + ", ".join(INSTANCE_COLUMNS) + " FROM instances"
+WAKE_COLUMNS = ("instance_id", "tenant_id", "checkpoint_id", "sleep_until_ms", "launch_lease_until_ms",
+                "launch_attempts")
 
 
 def _filters(**conditions) -> tuple[str, tuple]:
@@ -468,9 +474,11 @@ class Tx:
         return dict(zip(INSTANCE_COLUMNS, row)) if row else None
 
     def start_instance(self, instance_id: str, tenant_id: str, now: int) -> bool:
-        """pending/running/suspended -> running, stamping the first start; True when it moved."""
+        """pending/running/suspended -> running, stamping the first start and ending any launch lease;
+        True when it moved."""
         return bool(self.rows("UPDATE instances SET status = 'running', started_at_ms = COALESCE(started_at_ms, ?),"
-                              " heartbeat_at_ms = ? WHERE instance_id = ? AND tenant_id = ?"
+                              " heartbeat_at_ms = ?, launch_lease_until_ms = NULL, launch_attempts = 0"
+                              " WHERE instance_id = ? AND tenant_id = ?"
                               " AND status IN ('pending', 'running', 'suspended') RETURNING 1",
                               now, now, instance_id, tenant_id))
 
@@ -608,12 +616,34 @@ class Tx:
     def clear_sleep(self, instance_id: str) -> None:
         self.rows("UPDATE instances SET sleep_until_ms = NULL WHERE instance_id = ?", instance_id)
 
+    _DUE = (" FROM instances WHERE status = 'suspended' AND (sleep_until_ms <= ? OR instance_id IN"
+            " (SELECT instance_id FROM signals WHERE signal_type = 'resume'))")
+
     def due_wakes(self, now: int, limit: int = 100) -> list[dict]:
-        """Suspended instances whose wake time has passed or that have a pending resume."""
-        rows = self.rows(_INSTANCE_SELECT + " WHERE status = 'suspended' AND (sleep_until_ms <= ? OR instance_id IN"
-                         " (SELECT instance_id FROM signals WHERE signal_type = 'resume'))"
-                         " ORDER BY sleep_until_ms LIMIT ?", now, limit)
-        return [dict(zip(INSTANCE_COLUMNS, row)) for row in rows]
+        """Suspended instances whose wake time has passed or that have a pending resume, with their leases."""
+        rows = self.rows("SELECT " + ", ".join(WAKE_COLUMNS) + self._DUE + " ORDER BY sleep_until_ms LIMIT ?",
+                         now, limit)
+        return [dict(zip(WAKE_COLUMNS, row)) for row in rows]
+
+    def claim_wakes(self, now: int, lease_until: int, limit: int) -> list[dict]:
+        """Claim up to `limit` due instances whose launch lease has run out, leasing them until `lease_until`.
+
+        Atomic: servers sharing a database never claim the same instance while its lease lasts.
+        """
+        rows = self.rows("UPDATE instances SET launch_lease_until_ms = ?, launch_attempts = launch_attempts + 1"
+                         " WHERE instance_id IN (SELECT instance_id" + self._DUE
+                         + " AND (launch_lease_until_ms IS NULL OR launch_lease_until_ms <= ?)"
+                         " ORDER BY sleep_until_ms LIMIT ?" + self.dialect.skip_locked + ")"
+                         " RETURNING " + ", ".join(WAKE_COLUMNS), lease_until, now, now, limit)
+        return [dict(zip(WAKE_COLUMNS, row)) for row in rows]
+
+    def unregistered_launch(self, instance_id: str) -> int | None:
+        """The attempt count of a launch the instance has not registered for yet, else None."""
+        return self.value("SELECT launch_attempts FROM instances WHERE instance_id = ? AND status = 'suspended'"
+                          " AND launch_lease_until_ms IS NOT NULL" + self.dialect.lock_row, instance_id)
+
+    def set_launch_lease(self, instance_id: str, until: int) -> None:
+        self.rows("UPDATE instances SET launch_lease_until_ms = ? WHERE instance_id = ?", until, instance_id)
 
     # -- whole database ---------------------------------------------------------------------
 
@@ -1102,6 +1132,21 @@ def _list_events(tx: Tx, instance_id, event_type, subtype, limit, offset) -> dic
             "total_count": tx.count_events(instance_id, event_type, subtype)}
 
 
+def _launch_ended(tx: Tx, instance_id: str, reason: str, now: int, max_attempts: int, retry_at: int) -> bool:
+    """A launched process ended or ran out its lease: unless the instance registered meanwhile, count a failed
+    launch, and after `max_attempts` fail the instance. True when it was a failure."""
+    attempts = tx.unregistered_launch(instance_id)
+    if attempts is None:
+        return False
+    tx.insert_event(instance_id, "launch_failed", now, payload=reason.encode())
+    if attempts >= max_attempts:
+        tx.transition(instance_id, "failed", ("suspended",), now,
+                      error=f"launch failed {attempts} times; the last one {reason}")
+    else:
+        tx.set_launch_lease(instance_id, retry_at)
+    return True
+
+
 def _health(tx: Tx) -> int:
     tx.health()
     return tx.count_running()
@@ -1223,7 +1268,27 @@ class Core:
     async def list_events(self, instance_id, event_type, subtype, limit, offset):
         return await self._read(_list_events, instance_id, event_type, subtype, limit, offset)
 
-    # -- liveness (section 5) ---------------------------------------------------------------
+    # -- wake scheduler and liveness (section 5) ---------------------------------------------
+
+    async def claim_wakes(self, limit: int = 32) -> list[dict]:
+        now = now_ms()
+        return await self._write(Tx.claim_wakes, now, now + self.settings.launch_timeout_ms, limit)
+
+    async def record_launch(self, instance_id: str, pid: int, attempt: int) -> None:
+        await self._write(Tx.insert_event, instance_id, "launched", now_ms(), None, None,
+                          msgpack.packb({"pid": pid, "attempt": attempt}))
+
+    async def still_launching(self, instance_id: str) -> bool:
+        return await self._read(Tx.unregistered_launch, instance_id) is not None
+
+    async def launch_ended(self, instance_id: str, reason: str, attempt: int) -> bool:
+        now = now_ms()
+        backoff = min(self.settings.wake_interval_ms * 2 ** attempt, 60_000)
+        failed = await self._write(_launch_ended, instance_id, reason, now, self.settings.launch_max_attempts,
+                                   now + backoff)
+        if failed:
+            log.warning("launch %d of instance %s failed: it %s", attempt, instance_id, reason)
+        return failed
 
     async def fail_stale(self) -> list[tuple[str, int]]:
         now = now_ms()
@@ -1375,6 +1440,7 @@ class Server:
         self._quic = None
         self._tasks: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
+        self._launches: set[asyncio.Task] = set()  # watchers of launched processes, which outlive the server
 
     @property
     def address(self) -> tuple[str, int]:
@@ -1408,27 +1474,71 @@ class Server:
         except OSError as exc:
             await self.stop()
             raise OSError(exc.errno, f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
-        self._background.append(asyncio.get_running_loop().create_task(self._liveness()))
+        self._background.append(asyncio.get_running_loop().create_task(self._scheduler()))
         host, port = self.address
         log.info("runtara-core %s listening on %s:%d (QUIC, ALPN %s), database %s", __version__, host, port, ALPN,
                  _redact(settings.database_url))
         return self
 
-    async def _liveness(self):
+    async def _scheduler(self):
+        """Every wake interval: fail stale instances; with a launch command, launch the due ones."""
         interval = max(self.settings.wake_interval_ms, 10) / 1000
         while True:
             await asyncio.sleep(interval)
             try:
                 await self.core.fail_stale()
+                if self.settings.launch_command:
+                    for claim in await self.core.claim_wakes():
+                        self._launches.add(asyncio.get_running_loop().create_task(self._launch(claim)))
+                        self._launches = {task for task in self._launches if not task.done()}
             except Exception:
-                log.exception("liveness check failed")
+                log.exception("wake scheduler tick failed")
+
+    def launch_environment(self, claim: dict) -> dict[str, str]:
+        """The launched process's environment: ours, less the secrets, plus what the instance needs."""
+        env = {k: v for k, v in os.environ.items() if k not in ("RUNTARA_SECRET", "RUNTARA_DATABASE_URL")}
+        host, port = self.address
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        env.update(RUNTARA_INSTANCE_ID=claim["instance_id"], RUNTARA_TENANT_ID=claim["tenant_id"],
+                   RUNTARA_SERVER_ADDR=f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        env.pop("RUNTARA_CHECKPOINT_ID", None)
+        if claim["checkpoint_id"]:
+            env["RUNTARA_CHECKPOINT_ID"] = claim["checkpoint_id"]
+        if self.settings.secret:
+            env["RUNTARA_INSTANCE_TOKEN"] = instance_token(self.settings.secret, claim["tenant_id"],
+                                                           claim["instance_id"])
+        return env
+
+    async def _launch(self, claim: dict) -> None:
+        """Start the launch command for one claimed instance and watch it until it registers or fails."""
+        instance_id, attempt = claim["instance_id"], claim["launch_attempts"]
+        argv = shlex.split(self.settings.launch_command)
+        try:
+            process = await asyncio.create_subprocess_exec(*argv, env=self.launch_environment(claim),
+                                                           stdin=asyncio.subprocess.DEVNULL)
+        except OSError as exc:
+            await self.core.launch_ended(instance_id, f"could not start {argv[0]!r}: {exc.strerror}", attempt)
+            return
+        log.info("launched instance %s (attempt %d, pid %d)", instance_id, attempt, process.pid)
+        await self.core.record_launch(instance_id, process.pid, attempt)
+        exited = asyncio.ensure_future(process.wait())
+        done, _ = await asyncio.wait({exited}, timeout=self.settings.launch_timeout_ms / 1000)
+        if not done and await self.core.still_launching(instance_id):
+            process.kill()
+            await exited
+            reason = f"did not register within {self.settings.launch_timeout_ms} ms and was killed"
+        else:
+            code = await exited
+            reason = f"exited with code {code} before registering"
+        await self.core.launch_ended(instance_id, reason, attempt)
 
     async def stop(self) -> None:
         """Answer what is in flight, close connections and the database (checkpointing the WAL)."""
-        for task in self._background:
+        for task in (*self._background, *self._launches):
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*self._background, *self._launches, return_exceptions=True)
         self._background.clear()
+        self._launches.clear()
         if self._tasks:
             done, pending = await asyncio.wait(set(self._tasks), timeout=10)
             for task in pending:
@@ -2169,17 +2279,26 @@ def build_cli():
         max_concurrent_instances: int = typer.Option(None, help="[env RUNTARA_MAX_CONCURRENT_INSTANCES; default 32]"),
         sleep_inline_max_ms: int = typer.Option(None, help="[env RUNTARA_SLEEP_INLINE_MAX_MS; default 60000]"),
         heartbeat_timeout_ms: int = typer.Option(None, help="[env RUNTARA_HEARTBEAT_TIMEOUT_MS; default 120000]"),
-        launch: str = typer.Option(None, help="Command that relaunches due instances [env RUNTARA_LAUNCH_COMMAND]"),
+        launch: str = typer.Option(None, help="Command that relaunches due instances, split like a shell would"
+                                              " [env RUNTARA_LAUNCH_COMMAND]"),
+        launch_timeout_ms: int = typer.Option(None, help="[env RUNTARA_LAUNCH_TIMEOUT_MS; default 30000]"),
+        launch_max_attempts: int = typer.Option(None, help="[env RUNTARA_LAUNCH_MAX_ATTEMPTS; default 5]"),
+        wake_interval_ms: int = typer.Option(None, help="[env RUNTARA_WAKE_INTERVAL_MS; default 1000]"),
+        max_message_bytes: int = typer.Option(None, help="[env RUNTARA_MAX_MESSAGE_BYTES; default 67108864]"),
+        sqlite_synchronous: str = typer.Option(None, help="FULL or NORMAL [env RUNTARA_SQLITE_SYNCHRONOUS]"),
         log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR"),
     ):
-        """Run the QUIC server until SIGINT or SIGTERM."""
+        """Run the QUIC server until SIGINT or SIGTERM. RUNTARA_SECRET (environment only) turns on authentication."""
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             settings = Settings.from_env(database_url=database_url, host=host, port=port, tls_cert=tls_cert,
                                          tls_key=tls_key, insecure=insecure or None,
                                          max_concurrent_instances=max_concurrent_instances,
                                          sleep_inline_max_ms=sleep_inline_max_ms,
-                                         heartbeat_timeout_ms=heartbeat_timeout_ms, launch_command=launch)
+                                         heartbeat_timeout_ms=heartbeat_timeout_ms, launch_command=launch,
+                                         launch_timeout_ms=launch_timeout_ms, launch_max_attempts=launch_max_attempts,
+                                         wake_interval_ms=wake_interval_ms, max_message_bytes=max_message_bytes,
+                                         sqlite_synchronous=sqlite_synchronous and sqlite_synchronous.upper())
             asyncio.run(Server(settings).run())
         except (ValueError, OSError, RuntaraError) as exc:
             raise fail(str(exc))
@@ -2343,6 +2462,23 @@ def build_cli():
         verb = "would remove" if dry_run else "removed"
         out.print(f"{verb} {summary['instances'] if dry_run else removed} instances finished before"
                   f" {_format_ms(before)}, with {summary['checkpoints']} checkpoints and {summary['events']} events")
+
+    @app.command()
+    def wakes(database_url: str = DatabaseUrl, limit: int = Limit, json: bool = Json):
+        """Suspended instances due to wake (their time has come, or a resume is pending)."""
+        with database(database_url) as db:
+            due = db.read(Tx.due_wakes, now_ms(), limit)
+        if json:
+            return emit_json({"wakes": due})
+        now = now_ms()
+        table = Table("instance", "tenant", "checkpoint", "wake time", "launch lease", "attempts",
+                      title=f"{len(due)} instances due")
+        for d in due:
+            lease = d["launch_lease_until_ms"]
+            table.add_row(d["instance_id"], d["tenant_id"], d["checkpoint_id"] or "-",
+                          _format_ms(d["sleep_until_ms"]) if d["sleep_until_ms"] else "resume signal",
+                          f"until {_format_ms(lease)}" if lease and lease > now else "-", str(d["launch_attempts"]))
+        out.print(table)
 
     @app.command()
     def watch(database_url: str = DatabaseUrl, status: str = typer.Option(None), tenant: str = typer.Option(None),
