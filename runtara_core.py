@@ -274,14 +274,16 @@ def _check(ok: bool, field: str, what: str):
         raise InvalidRequest(f"field {field!r} must be {what}")
 
 
-def check_id(value, field):
-    _check(isinstance(value, str) and value != "" and len(value.encode()) <= MAX_ID_BYTES,
-           field, f"a non-empty string of at most {MAX_ID_BYTES} bytes")
+def check_text(value, field):
+    # PostgreSQL text cannot hold NUL; refusing it here keeps both databases alike.
+    _check(isinstance(value, str) and "\x00" not in value, field, "a string without NUL characters")
     return value
 
 
-def check_text(value, field):
-    _check(isinstance(value, str), field, "a string")
+def check_id(value, field):
+    check_text(value, field)
+    _check(value != "" and len(value.encode()) <= MAX_ID_BYTES, field,
+           f"a non-empty string of at most {MAX_ID_BYTES} bytes")
     return value
 
 
@@ -1051,7 +1053,7 @@ def _apply_event(tx: Tx, now: int, instance_id, event_type, payload=None, subtyp
     if event_type == "completed":
         moved = tx.transition(instance_id, "completed", ("running", "suspended"), now, output=payload or b"")
     elif event_type == "failed":
-        error = (payload or b"").decode("utf-8", "replace") or "failed"
+        error = (payload or b"").decode("utf-8", "replace").replace("\x00", "\ufffd") or "failed"
         moved = tx.transition(instance_id, "failed", ("running", "suspended"), now, error=error)
     elif event_type == "suspended":
         moved = tx.transition(instance_id, "suspended", ("running",), now)
@@ -1371,17 +1373,19 @@ def _server_protocol():
             self.session = Session()
             self.readers: dict[int, FrameReader] = {}
             self.rejected: set[int] = set()  # streams answered early whose remaining bytes are dropped
+            self.buffered = 0  # bytes held by self.readers
             self.open = True
 
         def quic_event_received(self, event):
             if isinstance(event, StreamDataReceived):
                 self.data_received(event.stream_id, event.data, event.end_stream)
             elif isinstance(event, StreamReset):
-                self.readers.pop(event.stream_id, None)
+                self.drop(event.stream_id)
                 self.rejected.discard(event.stream_id)
             elif isinstance(event, ConnectionTerminated):
                 self.open = False
-                self.readers.clear()
+                for stream_id in list(self.readers):
+                    self.drop(stream_id)
                 self.rejected.clear()
 
         def data_received(self, stream_id: int, data: bytes, end: bool):
@@ -1393,19 +1397,36 @@ def _server_protocol():
             if reader is None:
                 reader = self.readers[stream_id] = FrameReader(self.server.settings.max_message_bytes)
             try:
+                self.hold(len(data))
                 frame = reader.feed(data, end)
                 if frame is not None and frame[0] != FRAME_REQUEST:
                     raise InvalidRequest(f"expected a request frame (type {FRAME_REQUEST}), got type {frame[0]}")
             except RuntaraError as exc:
-                del self.readers[stream_id]
+                self.drop(stream_id)
                 if not end:
                     self.rejected.add(stream_id)
                     self._quic.stop_stream(stream_id, 0)
                 self.answer(stream_id, encode_error(exc))
                 return
             if frame is not None:
-                del self.readers[stream_id]
+                self.drop(stream_id)
                 self.server.track(self.handle(stream_id, frame[1]))
+
+        def hold(self, size: int):
+            """Bound the bytes of unfinished requests, per connection and in the whole server."""
+            limit = self.server.settings.max_message_bytes + FRAME_HEADER.size
+            if self.buffered + size > limit:
+                raise Overloaded(f"this connection's unfinished requests would hold more than {limit} bytes")
+            if self.server.buffered + size > limit * 4:
+                raise Overloaded("the server holds too many bytes of unfinished requests; try again")
+            self.buffered += size
+            self.server.buffered += size
+
+        def drop(self, stream_id: int):
+            reader = self.readers.pop(stream_id, None)
+            if reader is not None:
+                self.buffered -= len(reader.buffer)
+                self.server.buffered -= len(reader.buffer)
 
         async def handle(self, stream_id: int, message: dict):
             try:
@@ -1441,6 +1462,7 @@ class Server:
         self._tasks: set[asyncio.Task] = set()
         self._background: list[asyncio.Task] = []
         self._launches: set[asyncio.Task] = set()  # watchers of launched processes, which outlive the server
+        self.buffered = 0  # bytes of unfinished requests held by all connections
 
     @property
     def address(self) -> tuple[str, int]:
@@ -1636,6 +1658,7 @@ def _client_protocol():
             super().__init__(*args, **kwargs)
             self.waiting: dict[int, tuple[FrameReader, asyncio.Future]] = {}
             self.failure: ConnectionLost | None = None
+            self.close_event: ConnectionTerminated | None = None
 
         def quic_event_received(self, event):
             if isinstance(event, StreamDataReceived) and event.stream_id in self.waiting:
@@ -1653,6 +1676,7 @@ def _client_protocol():
                 if not future.done():
                     future.set_exception(ConnectionLost(f"the server reset the stream (code {event.error_code})"))
             elif isinstance(event, ConnectionTerminated):
+                self.close_event = event
                 self.failure = ConnectionLost(f"connection closed: {event.reason_phrase or 'code ' + str(event.error_code)}")
                 for _, future in self.waiting.values():
                     if not future.done():
@@ -1718,19 +1742,34 @@ class QuicTransport:
             await self._disconnect()
             from aioquic.asyncio import connect
 
-            stack = contextlib.AsyncExitStack()
+            stack, attempt = contextlib.AsyncExitStack(), []
+
+            def create_protocol(*args, **kwargs):
+                attempt.append(_client_protocol()(*args, **kwargs))
+                return attempt[-1]
             try:
                 protocol = await asyncio.wait_for(stack.enter_async_context(connect(
                     self.host.strip("[]"), self.port, configuration=self._configuration(),
-                    create_protocol=_client_protocol())), timeout=self.CONNECT_TIMEOUT_S)
+                    create_protocol=create_protocol)), timeout=self.CONNECT_TIMEOUT_S)
             except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
                 await stack.aclose()
-                raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc or type(exc).__name__}") from None
+                raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: "
+                                     + self._why(exc, attempt[0].close_event if attempt else None)) from None
             self._protocol, self._exit_stack = protocol, stack
             self._keepalive = asyncio.get_running_loop().create_task(self._ping(protocol))
             if self.on_connect is not None:
                 await self.on_connect(protocol)
             return protocol
+
+    def _why(self, exc: BaseException, closed) -> str:
+        if closed is not None and 0x100 <= closed.error_code <= 0x1FF:  # a TLS alert (RFC 9001, 4.8)
+            return (f"the TLS handshake failed: {closed.reason_phrase or 'alert ' + str(closed.error_code - 0x100)}"
+                    " (check RUNTARA_CA_FILE, or set RUNTARA_SKIP_CERT_VERIFICATION=1 to skip verification)")
+        if closed is not None:
+            return f"the connection closed: {closed.reason_phrase or 'code ' + str(closed.error_code)}"
+        if isinstance(exc, asyncio.TimeoutError):
+            return f"no answer within {self.CONNECT_TIMEOUT_S:g} s (is the server running, and the UDP port open?)"
+        return str(exc) or type(exc).__name__
 
     async def _ping(self, protocol):
         while protocol.failure is None:
@@ -2038,7 +2077,8 @@ class Client(_Caller):
         env = os.environ if env is None else env
         self.transport = transport or QuicTransport.from_env(server_addr, env, **transport_options)
         self._owns_transport = transport is None
-        self.token = token or env.get("RUNTARA_ADMIN_TOKEN") or None
+        secret = env.get("RUNTARA_SECRET")
+        self.token = token or env.get("RUNTARA_ADMIN_TOKEN") or (admin_token(secret) if secret else None)
 
     async def __aenter__(self) -> "Client":
         return self
@@ -2479,6 +2519,25 @@ def build_cli():
                           _format_ms(d["sleep_until_ms"]) if d["sleep_until_ms"] else "resume signal",
                           f"until {_format_ms(lease)}" if lease and lease > now else "-", str(d["launch_attempts"]))
         out.print(table)
+
+    @app.command()
+    def token(instance_id: str = typer.Argument(None, help="The instance the token is for"),
+              tenant: str = typer.Option(None, help="The instance's tenant"),
+              admin: bool = typer.Option(False, "--admin", help="Print the operators' token instead")):
+        """Print an instance's (or the operators') token under RUNTARA_SECRET."""
+        secret = os.environ.get("RUNTARA_SECRET")
+        if not secret:
+            raise fail("RUNTARA_SECRET is not set; tokens are made from it")
+        if admin:
+            return typer.echo(admin_token(secret))
+        if not instance_id or not tenant:
+            raise fail("give INSTANCE_ID and --tenant, or --admin")
+        try:
+            check_id(instance_id, "INSTANCE_ID")
+            check_id(tenant, "--tenant")
+        except InvalidRequest as exc:
+            raise fail(str(exc))
+        typer.echo(instance_token(secret, tenant, instance_id))
 
     @app.command()
     def watch(database_url: str = DatabaseUrl, status: str = typer.Option(None), tenant: str = typer.Option(None),
