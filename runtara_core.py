@@ -297,6 +297,15 @@ def check_uint(value, field):
     return value
 
 
+MAX_DURATION_MS = 100 * 365 * 86_400_000  # a century: far past any wake time, far from 64-bit overflow
+
+
+def check_duration(value, field):
+    _check(type(value) is int and 0 <= value <= MAX_DURATION_MS, field,
+           f"a number of milliseconds from 0 to {MAX_DURATION_MS}")
+    return value
+
+
 def check_bool(value, field):
     _check(isinstance(value, bool), field, "true or false")
     return value
@@ -333,7 +342,7 @@ OPERATIONS: dict[str, dict[str, tuple[Callable, bool]]] = {
     "checkpoint": {**_instance, "checkpoint_id": (check_id, REQUIRED), "state": (check_bin, REQUIRED)},
     "get_checkpoint": {**_instance, "checkpoint_id": (check_id, REQUIRED)},
     "sleep": {**_instance, "checkpoint_id": (check_id, REQUIRED), "state": (check_bin, REQUIRED),
-              "duration_ms": (check_uint, REQUIRED)},
+              "duration_ms": (check_duration, REQUIRED)},
     "instance_event": {**_instance, "event_type": (one_of(EVENT_TYPES), REQUIRED), "payload": (check_bin, OPTIONAL),
                        "subtype": (check_text, OPTIONAL), "checkpoint_id": (check_id, OPTIONAL),
                        "timestamp_ms": (check_uint, OPTIONAL)},
@@ -1610,6 +1619,8 @@ class ServerThread:
         return self
 
     def stop(self) -> None:
+        if self._loop.is_closed():
+            return
         asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result()
         self._shutdown()
 

@@ -1,0 +1,527 @@
+"""Authentication, connection binding, TLS verification and hostile input (PROTOCOL.md sections 1 and 6)."""
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from typer.testing import CliRunner
+
+import runtara_core as rc
+from conftest import addr, run, settings_for
+from test_protocol import raises
+from test_sdk import free_udp_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "correct horse battery staple"
+
+
+def snapshot(storage) -> list:
+    """Every row of every table, to show that a rejected request changed nothing."""
+    def read(tx):
+        return [tx.rows(f"SELECT * FROM {table} ORDER BY 1, 2") for table in
+                ("instances", "checkpoints", "events", "signals", "custom_signals")]
+    return storage.read(read).result()
+
+
+def instance(server, instance_id="i-1", tenant_id="t-1", **options):
+    options.setdefault("token", rc.instance_token(SECRET, tenant_id, instance_id))
+    return rc.Instance(instance_id, tenant_id, server_addr=addr(server), heartbeat_interval_ms=0, env={}, **options)
+
+
+@pytest.fixture
+def secured(server_factory):
+    return server_factory(secret=SECRET)
+
+
+# -- authentication -----------------------------------------------------------------------------
+
+
+def test_operator_operations_need_the_admin_token(secured):
+    async def scenario():
+        async with rc.Client(addr(secured), env={}) as anonymous:
+            for call in (anonymous.health_check(), anonymous.list_instances(), anonymous.send_signal("i", "cancel")):
+                await raises("UNAUTHORIZED", call)
+        async with rc.Client(addr(secured), env={}, token=rc.instance_token(SECRET, "t-1", "i-1")) as impostor:
+            await raises("UNAUTHORIZED", impostor.health_check())
+        async with rc.Client(addr(secured), env={"RUNTARA_SECRET": SECRET}) as operator:
+            assert (await operator.health_check())["healthy"] is True
+    run(scenario())
+
+
+def test_register_needs_the_instance_token(secured):
+    async def scenario():
+        for token in (None, "", "0" * 64, rc.instance_token("another secret", "t-1", "i-1"),
+                      rc.instance_token(SECRET, "t-2", "i-1"), rc.instance_token(SECRET, "t-1", "i-2"), "ünï"):
+            inst = instance(secured, token=token)
+            inst.token = token
+            await raises("UNAUTHORIZED", inst.register())
+            await inst.close()
+        async with instance(secured) as inst:
+            assert inst.registration["status"] == "running"
+    run(scenario())
+
+
+def test_a_connection_is_bound_to_its_instance(secured, storage):
+    async def scenario():
+        async with instance(secured, "b", "t-1"):
+            pass
+        async with instance(secured, "a", "t-1") as a:
+            await a.checkpoint("mine", b"a")
+            before = snapshot(storage)
+            for op, fields in (("checkpoint", {"checkpoint_id": "c", "state": b"x"}),
+                               ("get_checkpoint", {"checkpoint_id": "c"}), ("get_instance_status", {}),
+                               ("instance_event", {"event_type": "completed"}), ("poll_signals", {}),
+                               ("signal_ack", {"signal_type": "cancel", "acknowledged": True}),
+                               ("sleep", {"checkpoint_id": "c", "state": b"", "duration_ms": 1}),
+                               ("retry_attempt", {"checkpoint_id": "c", "attempt_number": 1})):
+                error = await raises("UNAUTHORIZED", a.call(op, instance_id="b", **fields))
+                assert "bound to instance a" in str(error)
+            await raises("UNAUTHORIZED", a.call("instance_event_batch", events=[
+                {"instance_id": "a", "event_type": "custom"}, {"instance_id": "b", "event_type": "completed"}]))
+            assert snapshot(storage) == before  # the half that named instance a was not stored either
+            assert (await a.checkpoint("mine", b"")).state == b"a"
+    run(scenario())
+
+
+def test_a_connection_that_has_not_registered_can_do_nothing(secured):
+    async def scenario():
+        transport = rc.QuicTransport(*secured.address)
+        error = await raises("UNAUTHORIZED", transport.request({"op": "get_instance_status", "instance_id": "i"}))
+        assert "not registered" in str(error)
+        await transport.close()
+    run(scenario())
+
+
+def test_a_tenant_a_token_never_reaches_a_tenant_b_instance(secured, storage):
+    async def scenario():
+        async with instance(secured, "shared", "tenant-b") as owner:
+            await owner.checkpoint("secret-state", b"b's data")
+        before = snapshot(storage)
+        intruder = instance(secured, "shared", "tenant-a")  # a valid token, for tenant A's "shared"
+        await raises("TENANT_MISMATCH", intruder.register())
+        await raises("UNAUTHORIZED", intruder.get_checkpoint("secret-state"))
+        await raises("UNAUTHORIZED", intruder.checkpoint("secret-state", b"overwrite"))
+        await raises("UNAUTHORIZED", intruder.completed(b"hijacked"))
+        await intruder.close()
+        assert snapshot(storage) == before
+    run(scenario())
+
+
+def test_the_admin_token_may_act_for_any_instance(secured):
+    async def scenario():
+        async with instance(secured, "i-1", "t-1"):
+            pass
+        admin = rc.Instance("i-1", "t-1", server_addr=addr(secured), heartbeat_interval_ms=0, env={},
+                            token=rc.admin_token(SECRET))
+        assert (await admin.status())["status"] == "running"
+        await admin.register()
+        assert (await admin.checkpoint("by-admin", b"x")).found is False
+        other = rc.Instance("i-2", "t-9", transport=admin.transport, token=rc.admin_token(SECRET), env={})
+        await other.register()  # the admin connection is not bound
+        assert (await admin.status())["status"] == "running"
+        await admin.close()
+    run(scenario())
+
+
+def test_the_sdk_binds_again_after_a_reconnect(secured):
+    async def scenario():
+        async with instance(secured) as inst:
+            await inst.checkpoint("before", b"1")
+            await inst.transport.close()
+            assert (await inst.checkpoint("before", b"2")).state == b"1"
+    run(scenario())
+
+
+def test_token_command():
+    runner, app = CliRunner(), rc.build_cli()
+    result = runner.invoke(app, ["token", "i-1", "--tenant", "t-1"], env={"RUNTARA_SECRET": SECRET})
+    assert result.exit_code == 0 and result.stdout.strip() == rc.instance_token(SECRET, "t-1", "i-1")
+    result = runner.invoke(app, ["token", "--admin"], env={"RUNTARA_SECRET": SECRET})
+    assert result.stdout.strip() == rc.admin_token(SECRET) and len(result.stdout.strip()) == 64
+    assert runner.invoke(app, ["token", "i-1", "--tenant", "t"], env={"RUNTARA_SECRET": ""}).exit_code == 1
+    assert runner.invoke(app, ["token", "i-1"], env={"RUNTARA_SECRET": SECRET}).exit_code == 1
+
+
+def test_tokens_are_hmac_sha256_of_tenant_newline_instance():
+    import hashlib
+    import hmac
+    expected = hmac.new(b"k", b"tenant\ninstance", hashlib.sha256).hexdigest()
+    assert rc.instance_token("k", "tenant", "instance") == expected
+    assert rc.admin_token("k") == hmac.new(b"k", b"admin", hashlib.sha256).hexdigest()
+
+
+# -- binding to addresses -----------------------------------------------------------------------
+
+
+def test_no_secret_no_public_address(database_url):
+    async def attempt(**overrides):
+        server = rc.Server(settings_for(database_url, host="0.0.0.0", **overrides))
+        await server.start()
+        await server.stop()
+    with pytest.raises(ValueError, match="RUNTARA_SECRET.*--insecure"):
+        run(attempt())
+    run(attempt(insecure=True))
+    run(attempt(secret=SECRET))
+
+
+def test_serve_says_why_it_refuses_a_public_address(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "runtara_core.py"), "serve", "--host", "0.0.0.0"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"]})
+    assert done.returncode == 1 and "without authentication" in done.stderr
+
+
+# -- TLS ----------------------------------------------------------------------------------------
+
+
+def test_generated_certificate_is_kept_across_restarts(server_factory, database_url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a PostgreSQL-backed server keeps its files
+    first = server_factory()
+    folder = rc.state_dir(database_url)
+    cert = (folder / rc.TLS_CERT_FILE).read_bytes()
+    assert (folder / rc.TLS_KEY_FILE).stat().st_mode & 0o777 == 0o600
+    first.stop()
+    server_factory()
+    assert (folder / rc.TLS_CERT_FILE).read_bytes() == cert
+
+
+def _other_certificate(tmp_path) -> tuple[str, str]:
+    return rc.ensure_certificate(rc.Settings(database_url=f"sqlite:///{tmp_path / 'other' / 'x.db'}"))
+
+
+def test_the_sdk_verifies_against_a_ca_file(server, database_url, tmp_path):
+    async def scenario():
+        own_cert = str(rc.state_dir(database_url) / rc.TLS_CERT_FILE)
+        trusted = rc.QuicTransport(*server.address, ca_file=own_cert)
+        assert (await trusted.request({"op": "health_check"}))["healthy"]
+        await trusted.close()
+        wrong = rc.QuicTransport(*server.address, ca_file=_other_certificate(tmp_path)[0])
+        with pytest.raises(rc.ConnectionLost, match="TLS handshake failed.*RUNTARA_CA_FILE"):
+            await wrong.request({"op": "health_check"})
+        await wrong.close()
+    run(scenario())
+
+
+def test_configured_certificate_files_are_used(server_factory, tmp_path):
+    cert, key = _other_certificate(tmp_path)
+    server = server_factory(tls_cert=cert, tls_key=key)
+
+    async def scenario():
+        transport = rc.QuicTransport(*server.address, ca_file=cert)
+        assert (await transport.request({"op": "health_check"}))["healthy"]
+        await transport.close()
+    run(scenario())
+
+
+def non_loopback_address() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.254.254.254", 9))  # no packet is sent; this only picks a route
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_an_unverified_remote_server_is_refused_unless_verification_is_skipped(server_factory):
+    address = non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    server = server_factory(host="0.0.0.0", secret=SECRET)
+    port = server.address[1]
+
+    async def scenario():
+        strict = rc.Client(f"{address}:{port}", env={"RUNTARA_SECRET": SECRET})
+        with pytest.raises(rc.ConnectionLost, match="TLS handshake failed"):
+            await strict.health_check()
+        await strict.close()
+        relaxed = rc.Client(f"{address}:{port}", env={"RUNTARA_SECRET": SECRET,
+                                                      "RUNTARA_SKIP_CERT_VERIFICATION": "1"})
+        assert (await relaxed.health_check())["healthy"]
+        await relaxed.close()
+    run(scenario())
+
+
+def test_only_loopback_goes_unverified_by_default():
+    import ssl
+    assert rc.QuicTransport("127.0.0.1")._configuration().verify_mode == ssl.CERT_NONE
+    assert rc.QuicTransport("localhost")._configuration().verify_mode == ssl.CERT_NONE
+    assert rc.QuicTransport("::1")._configuration().verify_mode == ssl.CERT_NONE
+    assert rc.QuicTransport("runtara.example")._configuration().verify_mode != ssl.CERT_NONE
+    assert rc.QuicTransport("10.0.0.5", skip_cert_verification=True)._configuration().verify_mode == ssl.CERT_NONE
+
+
+# -- ids ----------------------------------------------------------------------------------------
+
+ODD_IDS = ["it's \"quoted\"", "100%_done %s %% ?", "ünïcødé 🚀 ✓", "é" * 256, "x" * 512, "; DROP TABLE instances; --"]
+
+
+@pytest.mark.parametrize("odd", ODD_IDS, ids=["quotes", "percent", "unicode", "512-bytes-2byte", "512-bytes",
+                                              "sql"])
+def test_odd_ids_round_trip_through_every_operation(server, odd):
+    async def scenario():
+        async with rc.Instance(odd, odd, server_addr=addr(server), heartbeat_interval_ms=0, env={}) as inst, \
+                rc.Client(addr(server), env={}) as operator:
+            assert inst.registration["instance_id"] == odd
+            assert (await inst.checkpoint(odd, b"s")).found is False
+            assert await inst.get_checkpoint(odd) == b"s"
+            await operator.send_custom_signal(odd, odd, b"c")
+            assert (await inst.checkpoint(odd, b"")).custom_signal == {"checkpoint_id": odd, "payload": b"c"}
+            await inst.sleep(odd + "" if len(odd.encode()) < 512 else odd, 1)
+            await inst.event(odd, b"e", checkpoint_id=odd)
+            await inst.retry_attempt(odd, 1, odd)
+            await operator.send_signal(odd, "pause")
+            assert (await inst.poll_signals(odd, force=True))["signal"]["signal_type"] == "pause"
+            assert await inst.ack("pause") == "suspended"
+            status = await inst.status()
+            assert status["instance_id"] == odd and status["tenant_id"] == odd and status["checkpoint_id"] == odd
+            assert (await operator.list_instances(tenant_id=odd))["instances"][0]["instance_id"] == odd
+            assert (await operator.list_checkpoints(odd))["checkpoints"][0]["checkpoint_id"] == odd
+            events = (await operator.list_events(odd, event_type="custom", subtype=odd))["events"]
+            assert events[0]["subtype"] == odd and events[0]["checkpoint_id"] == odd
+            await inst.completed(odd.encode())
+            assert (await inst.status())["output"] == odd.encode()
+    run(scenario())
+
+
+@pytest.mark.parametrize("bad", ["x" * 513, "é" * 256 + "x", "nul\x00inside", ""])
+def test_ids_one_byte_over_or_with_nul_are_rejected(server, bad):
+    async def scenario():
+        transport = rc.QuicTransport(*server.address)
+        for message in ({"op": "register_instance", "instance_id": bad, "tenant_id": "t"},
+                        {"op": "register_instance", "instance_id": "i", "tenant_id": bad},
+                        {"op": "checkpoint", "instance_id": "i", "checkpoint_id": bad, "state": b""},
+                        {"op": "send_custom_signal", "instance_id": "i", "checkpoint_id": bad}):
+            await raises("INVALID_REQUEST", transport.request(message))
+        await transport.close()
+    run(scenario())
+
+
+# -- hostile input against the real server ------------------------------------------------------
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=20) | st.binary(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12)
+FIELDS = sorted({name for spec in rc.OPERATIONS.values() for name in spec} | {"token"})
+hostile_requests = st.fixed_dictionaries(
+    {"op": st.sampled_from(sorted(rc.OPERATIONS)) | st.text(max_size=12)},
+    optional={name: msgpack_values | st.sampled_from(["i", "c", "t"]) for name in FIELDS})
+
+
+class Probe:
+    """One connection kept across hypothesis examples, on a loop of its own."""
+
+    def __init__(self, server):
+        self.loop = asyncio.new_event_loop()
+        self.transport = rc.QuicTransport(*server.address)
+
+    def send(self, data: bytes):
+        async def go():
+            return await (await self.transport._connection()).send_request(data)
+        return self.loop.run_until_complete(asyncio.wait_for(go(), 30))
+
+    def healthy(self) -> bool:
+        reply = self.loop.run_until_complete(self.transport.request({"op": "health_check"}))
+        return reply["healthy"] is True
+
+    def close(self):
+        self.loop.run_until_complete(self.transport.close())
+        self.loop.close()
+
+
+@pytest.fixture
+def probe(server):
+    probe = Probe(server)
+    yield probe
+    probe.close()
+
+
+HYPOTHESIS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@HYPOTHESIS
+@given(data=st.binary(max_size=64) | st.builds(lambda n, t, rest: rc.FRAME_HEADER.pack(n, t) + rest,
+                                               st.integers(0, 2**32 - 1), st.integers(0, 2**16 - 1),
+                                               st.binary(max_size=64)))
+def test_random_bytes_get_an_answer(probe, storage, data):
+    before = snapshot(storage)
+    frame_type, reply = probe.send(data)
+    if frame_type == rc.FRAME_ERROR:
+        assert reply["code"] in ("INVALID_REQUEST", "FRAME_TOO_LARGE", "UNAUTHORIZED") and reply["message"]
+        assert snapshot(storage) == before
+    assert probe.healthy()
+
+
+@HYPOTHESIS
+@given(message=hostile_requests)
+def test_random_requests_are_answered_and_rejected_ones_change_nothing(probe, storage, message):
+    before = snapshot(storage)
+    frame_type, reply = probe.send(rc.encode_frame(rc.FRAME_REQUEST, message))
+    assert frame_type in (rc.FRAME_RESPONSE, rc.FRAME_ERROR)
+    if frame_type == rc.FRAME_ERROR:
+        assert reply["code"] != "INTERNAL", reply
+        assert snapshot(storage) == before
+    assert probe.healthy()
+
+
+def test_deep_nesting_wrong_types_and_oversized_ids(probe, storage):
+    before = snapshot(storage)
+    cases = [
+        rc.FRAME_HEADER.pack(200_001, 1) + b"\x91" * 200_000 + b"\xc0",
+        rc.encode_frame(1, {"op": "checkpoint", "instance_id": ["i"], "checkpoint_id": {"c": 1}, "state": 5}),
+        rc.encode_frame(1, {"op": "register_instance", "instance_id": "i" * 100_000, "tenant_id": "t"}),
+        rc.encode_frame(1, {"op": "sleep", "instance_id": "i", "checkpoint_id": "c", "state": b"",
+                            "duration_ms": 2**63 - 1}),
+    ]
+    for data in cases:
+        frame_type, reply = probe.send(data)
+        assert frame_type == rc.FRAME_ERROR and reply["code"] == "INVALID_REQUEST"
+    assert snapshot(storage) == before and probe.healthy()
+
+
+# -- attacks on the transport, against a server process whose memory we can read ----------------
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+def server_process(database_url, tmp_path):
+    port = free_udp_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "runtara_core.py"), "serve", "--port", str(port),
+                                "--database-url", database_url, "--log-level", "ERROR"], cwd=tmp_path,
+                               stderr=subprocess.PIPE, text=True)
+
+    async def wait_ready():
+        for _ in range(100):
+            transport = rc.QuicTransport("127.0.0.1", port)
+            transport.CONNECT_TIMEOUT_S = 0.5
+            try:
+                return await transport.request({"op": "health_check"})
+            except rc.ConnectionLost:
+                await asyncio.sleep(0.1)
+            finally:
+                await transport.close()
+        raise AssertionError(process.stderr.read())
+    run(wait_ready())
+    yield port, process
+    process.terminate()
+    _, errors = process.communicate(timeout=30)
+    assert "Traceback" not in errors, errors
+
+
+async def answered(port: int, connections: int = 3) -> bool:
+    async def one():
+        transport = rc.QuicTransport("127.0.0.1", port)
+        try:
+            return (await transport.request({"op": "health_check"}))["healthy"]
+        finally:
+            await transport.close()
+    return all(await asyncio.gather(*(one() for _ in range(connections))))
+
+
+async def open_connections(port: int, count: int) -> list:
+    transports = [rc.QuicTransport("127.0.0.1", port) for _ in range(count)]
+    protocols = await asyncio.gather(*(t._connection() for t in transports))
+    return list(zip(transports, protocols))
+
+
+def test_unfinished_streams_and_resets_hold_bounded_memory(server_process):
+    port, process = server_process
+
+    async def attack():
+        baseline = rss_mb(process.pid)
+        connections = await open_connections(port, 20)
+        for _, protocol in connections:  # 20 x 100 streams, each a few bytes of a frame, never finished
+            for _ in range(100):
+                stream_id = protocol._quic.get_next_available_stream_id()
+                protocol._quic.send_stream_data(stream_id, b"\x00\x00\x01", end_stream=False)
+            protocol.transmit()
+        await asyncio.sleep(0.5)
+        assert await answered(port)
+        for _, protocol in connections:  # reset half-written frames mid-way
+            for _ in range(20):
+                stream_id = protocol._quic.get_next_available_stream_id()
+                protocol._quic.send_stream_data(stream_id, rc.FRAME_HEADER.pack(1000, 1) + b"\x80" * 500)
+                protocol._quic.reset_stream(stream_id, 7)
+            protocol.transmit()
+        await asyncio.sleep(0.5)
+        assert await answered(port)
+        during = rss_mb(process.pid)
+        for transport, _ in connections:
+            await transport.close()
+        await asyncio.sleep(0.5)
+        assert await answered(port)
+        return baseline, during, rss_mb(process.pid)
+
+    baseline, during, after = run(attack())
+    assert during - baseline < 60 and after - baseline < 40, (baseline, during, after)
+
+
+def test_announced_huge_frames_are_cut_off_and_memory_stays_bounded(server_process):
+    port, process = server_process
+
+    async def attack():
+        baseline = rss_mb(process.pid)
+        connections = await open_connections(port, 8)
+        chunk = b"\x00" * 65536
+        for _, protocol in connections:  # each tries to push 32 MiB into frames announcing 60 MiB
+            for _ in range(4):
+                stream_id = protocol._quic.get_next_available_stream_id()
+                protocol._quic.send_stream_data(stream_id, rc.FRAME_HEADER.pack(60 * 2**20, 1))
+                for _ in range(128):
+                    protocol._quic.send_stream_data(stream_id, chunk)
+            protocol.transmit()
+        await asyncio.sleep(3)
+        peak = rss_mb(process.pid)
+        assert await answered(port)
+        for transport, _ in connections:
+            await transport.close()
+        await asyncio.sleep(1)
+        return baseline, peak, rss_mb(process.pid)
+
+    baseline, peak, after = run(attack())
+    # A connection holds at most one maximal frame; the server four. Well below the 1 GiB pushed at it.
+    assert peak - baseline < 4 * 64 + 64 and after - baseline < 80, (baseline, peak, after)
+
+
+def test_oversized_frame_is_answered_then_the_stream_stopped(server_process):
+    port, _ = server_process
+
+    async def attack():
+        transport = rc.QuicTransport("127.0.0.1", port)
+        protocol = await transport._connection()
+        frame_type, reply = await protocol.send_request(b"\xff\xff\xff\xff\x00\x01" + b"\x00" * 200_000)
+        assert frame_type == rc.FRAME_ERROR and reply["code"] == "FRAME_TOO_LARGE"
+        assert (await transport.request({"op": "health_check"}))["healthy"]
+        await transport.close()
+    run(attack())
+
+
+def test_hundreds_of_handshakes_at_once(server_process):
+    port, process = server_process
+
+    async def attack():
+        transports = [rc.QuicTransport("127.0.0.1", port) for _ in range(200)]
+        replies = await asyncio.gather(*(t.request({"op": "health_check"}) for t in transports),
+                                       return_exceptions=True)
+        await asyncio.gather(*(t.close() for t in transports))
+        return replies
+
+    replies = run(attack())
+    answered_ok = [r for r in replies if isinstance(r, dict) and r["healthy"]]
+    assert len(answered_ok) >= 190, [r for r in replies if not isinstance(r, dict)][:3]
+    assert run(answered(port)) and process.poll() is None
