@@ -17,7 +17,7 @@ from test_sdk import free_udp_port
 ROOT = Path(__file__).resolve().parent.parent
 Tx = rc.Tx
 
-SLEEPER = '''
+PRELUDE = '''
 import asyncio, os, sys
 sys.path.insert(0, {root!r})
 import runtara_core as runtara
@@ -28,6 +28,9 @@ def note(text):
     with open(LOG, "a") as log:
         log.write(os.environ["RUNTARA_INSTANCE_ID"] + " " + text + "\\n")
 
+'''
+
+SLEEPER = PRELUDE + '''
 async def main():
     note("process")
     async with runtara.Instance(heartbeat_interval_ms=0) as instance:
@@ -47,17 +50,7 @@ async def main():
 asyncio.run(main())
 '''
 
-STEPPER = '''
-import asyncio, os, sys
-sys.path.insert(0, {root!r})
-import runtara_core as runtara
-
-LOG = sys.argv[1]
-
-def note(text):
-    with open(LOG, "a") as log:
-        log.write(os.environ["RUNTARA_INSTANCE_ID"] + " " + text + "\\n")
-
+STEPPER = PRELUDE + '''
 async def main():
     async with runtara.Instance(heartbeat_interval_ms=0) as instance:
         for n in range(6):
