@@ -829,7 +829,7 @@ class SQLiteStorage(Storage):
         except self._apsw.Error as exc:
             if not conn.getautocommit():
                 conn.execute("ROLLBACK")
-            failure = StorageError(f"SQLite write failed: {exc}")
+            failure = StorageError(f"SQLite write failed, nothing of this request was saved: {exc}")
             outcomes = [(future, None, failure) for future, *_ in jobs]
         for future, result, error in outcomes:
             if error is None:
@@ -1059,6 +1059,7 @@ def _start_sleep(tx: Tx, instance_id, checkpoint_id, state, duration_ms, now, in
 
 def _apply_event(tx: Tx, now: int, instance_id, event_type, payload=None, subtype=None, checkpoint_id=None,
                  timestamp_ms=None) -> None:
+    # timestamp_ms is the instance's clock; events are stamped by the server's, so they order across instances
     if event_type == "completed":
         moved = tx.transition(instance_id, "completed", ("running", "suspended"), now, output=payload or b"")
     elif event_type == "failed":
@@ -1688,11 +1689,17 @@ def _client_protocol():
                     future.set_exception(ConnectionLost(f"the server reset the stream (code {event.error_code})"))
             elif isinstance(event, ConnectionTerminated):
                 self.close_event = event
-                self.failure = ConnectionLost(f"connection closed: {event.reason_phrase or 'code ' + str(event.error_code)}")
-                for _, future in self.waiting.values():
-                    if not future.done():
-                        future.set_exception(self.failure)
-                self.waiting.clear()
+                self.fail(ConnectionLost(f"connection closed: {event.reason_phrase or 'code ' + str(event.error_code)}"))
+
+        def fail(self, error: ConnectionLost):
+            """Give up on this connection: every request waiting on it fails, the next one reconnects."""
+            if self.failure is None:
+                self.failure = error
+                self.close()
+            for _, future in self.waiting.values():
+                if not future.done():
+                    future.set_exception(error)
+            self.waiting.clear()
 
         def send_request(self, frame: bytes) -> asyncio.Future:
             if self.failure is not None:
@@ -1713,6 +1720,9 @@ class QuicTransport:
 
     KEEPALIVE_S = 20.0
     CONNECT_TIMEOUT_S = 10.0
+    # A server killed outright sends no close: without a deadline a request would wait for the 60 s idle
+    # timeout. Long enough for SQLite's 10 s busy timeout; a sleep adds its own duration.
+    REQUEST_TIMEOUT_S = 15.0
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8001, *, ca_file: str | None = None,
                  skip_cert_verification: bool = False, on_connect: Callable | None = None):
@@ -1785,11 +1795,20 @@ class QuicTransport:
     async def _ping(self, protocol):
         while protocol.failure is None:
             await asyncio.sleep(self.KEEPALIVE_S)
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(protocol.ping(), self.KEEPALIVE_S)
+            except (asyncio.TimeoutError, ConnectionError):
+                protocol.fail(ConnectionLost(f"{self.host}:{self.port} stopped answering pings"))
 
     async def send(self, protocol, message: dict) -> dict:
-        frame_type, reply = await protocol.send_request(encode_frame(FRAME_REQUEST, message))
+        timeout = self.REQUEST_TIMEOUT_S + (message.get("duration_ms", 0) / 1000 if message["op"] == "sleep" else 0)
+        try:
+            frame_type, reply = await asyncio.wait_for(
+                protocol.send_request(encode_frame(FRAME_REQUEST, message)), timeout)
+        except asyncio.TimeoutError:
+            error = ConnectionLost(f"no answer from {self.host}:{self.port} within {timeout:g} s; reconnecting")
+            protocol.fail(error)
+            raise error from None
         if frame_type == FRAME_ERROR:
             raise error_from_wire(str(reply.get("code")), str(reply.get("message")))
         return reply
@@ -1814,19 +1833,17 @@ class QuicTransport:
 class EmbeddedTransport:
     """Calls a Core in this process: the same API and semantics as QUIC, without a network."""
 
-    def __init__(self, core: Core):
+    def __init__(self, core: Core, owns_storage: bool = False):
         self.core = core
+        self.owns_storage = owns_storage
         self.session = Session()
 
     @classmethod
     def open(cls, database_url: str = DEFAULT_DATABASE_URL, settings: Settings | None = None) -> "EmbeddedTransport":
         """Open the database and a Core over it; close() closes both."""
         settings = settings or Settings(database_url=database_url)
-        transport = cls(Core(open_storage(settings.database_url, synchronous=settings.sqlite_synchronous), settings))
-        transport.owns_storage = True
-        return transport
-
-    owns_storage = False
+        storage = open_storage(settings.database_url, synchronous=settings.sqlite_synchronous)
+        return cls(Core(storage, settings), owns_storage=True)
 
     async def request(self, message: dict) -> dict:
         return await self.core.dispatch(message, self.session)
@@ -1881,6 +1898,11 @@ class _Caller:
 
     transport: Any
     token: str | None = None
+    _owns_transport = False
+
+    async def close(self) -> None:
+        if self._owns_transport:
+            await self.transport.close()
 
     async def call(self, op: str, **fields) -> dict:
         message = {"op": op, **_compact(fields)}
@@ -2076,8 +2098,7 @@ class Instance(_Caller):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat_task
             self._heartbeat_task = None
-        if self._owns_transport:
-            await self.transport.close()
+        await super().close()
 
 
 class Client(_Caller):
@@ -2118,10 +2139,6 @@ class Client(_Caller):
                           limit: int | None = None, offset: int | None = None) -> dict:
         return await self.call("list_events", instance_id=instance_id, event_type=event_type, subtype=subtype,
                                limit=limit, offset=offset)
-
-    async def close(self) -> None:
-        if self._owns_transport:
-            await self.transport.close()
 
 
 # =============================================================================================

@@ -84,3 +84,50 @@ def addr(server: rc.ServerThread) -> str:
 
 def run(coroutine):
     return asyncio.run(coroutine)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_udp_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn_server(database_url: str, folder, port: int, *args, **popen):
+    """`runtara serve` as a real process, which a test may kill."""
+    import subprocess
+
+    return subprocess.Popen([sys.executable, str(ROOT / "runtara_core.py"), "serve", "--port", str(port),
+                             "--database-url", database_url, "--log-level", "ERROR", *args], cwd=folder,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+async def wait_ready(port: int, process=None) -> None:
+    for _ in range(150):
+        transport = rc.QuicTransport("127.0.0.1", port)
+        transport.CONNECT_TIMEOUT_S = 0.5
+        try:
+            await transport.request({"op": "health_check"})
+            return
+        except rc.ConnectionLost:
+            await asyncio.sleep(0.1)
+        finally:
+            await transport.close()
+    raise AssertionError("the server never answered" + (f": {process.stderr.read()}" if process else ""))
+
+
+def start_server_process(database_url: str, folder, *args, **popen):
+    port = free_udp_port()
+    process = spawn_server(database_url, folder, port, *args, **popen)
+    run(wait_ready(port, process))
+    return port, process
+
+
+def stop_server_process(process) -> None:
+    process.terminate()
+    _, errors = process.communicate(timeout=30)
+    assert "Traceback" not in errors, errors

@@ -13,7 +13,7 @@ import msgpack
 import pytest
 
 import runtara_core as rc
-from conftest import addr, run, settings_for
+from conftest import addr, free_udp_port, run, settings_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,12 +178,6 @@ def test_instance_reads_its_environment(server):
 def test_instance_without_ids_is_a_clear_error():
     with pytest.raises(ValueError, match="RUNTARA_INSTANCE_ID"):
         rc.Instance(env={})
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_lost_connection_fails_then_the_next_request_reconnects(database_url):

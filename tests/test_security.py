@@ -14,9 +14,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from typer.testing import CliRunner
 
 import runtara_core as rc
-from conftest import addr, run, settings_for
+from conftest import addr, run, settings_for, start_server_process, stop_server_process
 from test_protocol import raises
-from test_sdk import free_udp_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "correct horse battery staple"
@@ -396,33 +395,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
-
-
-def start_server_process(database_url, folder, *args):
-    port = free_udp_port()
-    process = subprocess.Popen([sys.executable, str(ROOT / "runtara_core.py"), "serve", "--port", str(port),
-                                "--database-url", database_url, "--log-level", "ERROR", *args], cwd=folder,
-                               stderr=subprocess.PIPE, text=True)
-
-    async def wait_ready():
-        for _ in range(100):
-            transport = rc.QuicTransport("127.0.0.1", port)
-            transport.CONNECT_TIMEOUT_S = 0.5
-            try:
-                return await transport.request({"op": "health_check"})
-            except rc.ConnectionLost:
-                await asyncio.sleep(0.1)
-            finally:
-                await transport.close()
-        raise AssertionError(process.stderr.read())
-    run(wait_ready())
-    return port, process
-
-
-def stop_server_process(process):
-    process.terminate()
-    _, errors = process.communicate(timeout=30)
-    assert "Traceback" not in errors, errors
 
 
 @pytest.fixture

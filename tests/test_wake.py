@@ -11,8 +11,7 @@ import msgpack
 import pytest
 
 import runtara_core as rc
-from conftest import addr, run
-from test_sdk import free_udp_port
+from conftest import addr, free_udp_port, run
 
 ROOT = Path(__file__).resolve().parent.parent
 Tx = rc.Tx
