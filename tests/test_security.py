@@ -548,3 +548,15 @@ def test_stream_buffers_are_freed_on_finish_reset_and_close(server):
         assert (await fresh.request({"op": "health_check"}))["healthy"]
         await fresh.close()
     run(scenario())
+
+
+def test_servers_starting_together_make_one_certificate(tmp_path):
+    import concurrent.futures
+    settings = rc.Settings(database_url=f"sqlite:///{tmp_path / 'x.db'}")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        pairs = set(pool.map(lambda _: rc.ensure_certificate(settings), range(8)))
+    assert len(pairs) == 1
+    cert = (tmp_path / rc.TLS_CERT_FILE).read_bytes()
+    assert cert.startswith(b"-----BEGIN CERTIFICATE-----") and cert.rstrip().endswith(b"-----END CERTIFICATE-----")
+    assert (tmp_path / rc.TLS_KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".runtara-")) == [".runtara-tls.lock"]
