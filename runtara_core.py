@@ -710,6 +710,7 @@ class Storage:
     """
 
     dialect: Dialect
+    writes = commits = 0  # write jobs committed, and the transactions that held them
 
     def write(self, fn: Callable, *args, **kwargs) -> concurrent.futures.Future:
         raise NotImplementedError
@@ -826,6 +827,8 @@ class SQLiteStorage(Storage):
                     outcomes.append((future, None, exc))
                 conn.execute("RELEASE job")
             conn.execute("COMMIT")
+            self.writes += len(jobs)
+            self.commits += 1
         except self._apsw.Error as exc:
             if not conn.getautocommit():
                 conn.execute("ROLLBACK")
@@ -895,19 +898,29 @@ class PostgresStorage(Storage):
             self._pool.close()
             raise StorageError(f"cannot reach PostgreSQL at {_redact(url)}: {exc}") from None
         self._threads = concurrent.futures.ThreadPoolExecutor(pool_size, thread_name_prefix="runtara-pg")
+        self._counting = threading.Lock()
 
     def write(self, fn, *args, **kwargs):
-        return self._threads.submit(self._transaction, fn, args, kwargs)
+        return self._threads.submit(self._transaction, fn, args, kwargs, True)
 
-    read = write
+    def read(self, fn, *args, **kwargs):
+        return self._threads.submit(self._transaction, fn, args, kwargs, False)
 
-    def _transaction(self, fn, args, kwargs):
+    def _transaction(self, fn, args, kwargs, counted: bool):
         try:
             with self._pool.connection() as conn:
                 with conn.transaction():
-                    return fn(Tx(POSTGRESQL, functools.partial(_postgres_rows, conn)), *args, **kwargs)
+                    result = fn(Tx(POSTGRESQL, functools.partial(_postgres_rows, conn)), *args, **kwargs)
         except self._psycopg.OperationalError as exc:  # down, unreachable, out of disk, pool timeout
             raise StorageError(f"PostgreSQL is unavailable: {exc}") from None
+        if counted:
+            with self._counting:
+                self.writes += 1
+        return result
+
+    @property
+    def commits(self) -> int:  # each write is its own transaction; PostgreSQL groups their WAL flushes
+        return self.writes
 
     def close(self):
         self._threads.shutdown(wait=True)
@@ -1592,6 +1605,8 @@ class Server:
             self._quic.close()
             self._quic = None
         if self.storage is not None and self._owns_storage:
+            log.info("%s: %d writes committed in %d transactions", self.storage.dialect.name, self.storage.writes,
+                     self.storage.commits)
             await asyncio.to_thread(self.storage.close)
             self.storage = None
         log.info("runtara-core stopped")
@@ -1713,6 +1728,14 @@ def _client_protocol():
                 if not future.done():
                     future.set_exception(error)
             self.waiting.clear()
+
+        async def wait_connected(self):
+            try:
+                await super().wait_connected()
+            except asyncio.CancelledError:  # our connect timeout: aioquic fails its waiter later, unheard
+                if self._connected_waiter is not None:
+                    self._connected_waiter.add_done_callback(lambda waiter: waiter.cancelled() or waiter.exception())
+                raise
 
         def send_request(self, frame: bytes) -> asyncio.Future:
             if self.failure is not None:
