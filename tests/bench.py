@@ -67,7 +67,7 @@ async def until_answering(port: int, deadline: float = 20.0) -> float:
     started = time.perf_counter()
     while time.perf_counter() - started < deadline:
         transport = rc.QuicTransport("127.0.0.1", port)
-        transport.CONNECT_TIMEOUT_S = 0.3
+        transport.CONNECT_TIMEOUT_S = 0.1  # a loopback handshake takes a few ms
         try:
             await transport.request({"op": "health_check"})
             return time.perf_counter() - started
@@ -128,7 +128,8 @@ async def workload(make_transport, instances: int, checkpoints: int, size: int, 
     await asyncio.gather(*(run(w) for w in workers))
     elapsed = time.perf_counter() - started
     await asyncio.gather(*(w.completed() for w in workers))
-    await asyncio.gather(*(w.transport.close() for w in workers))
+    await asyncio.gather(*(w.close() for w in workers))
+    await asyncio.gather(*(t.close() for t in {id(w.transport): w.transport for w in workers}.values()))
     return {"operations": instances * checkpoints, "seconds": elapsed, "latencies": latencies}
 
 
@@ -197,7 +198,8 @@ def run_quic(label: str, database_url: str, folder: str, instances: int, checkpo
 
 def run_embedded(folder: str, instances: int, checkpoints: int, size: int) -> dict:
     async def go():
-        transport = rc.EmbeddedTransport.open(f"sqlite:///{folder}/embedded.db")
+        transport = rc.EmbeddedTransport.open(settings=rc.Settings(
+            database_url=f"sqlite:///{folder}/embedded-{instances}.db", max_concurrent_instances=5000))
         storage = transport.core.storage
         commits = storage.commits
         cpu = time.process_time()

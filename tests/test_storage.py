@@ -406,3 +406,12 @@ def test_postgresql_migrations_race_safely_between_two_processes(postgres_url):
     for storage in storages:
         assert all(at is not None for _, _, at in storage.migration_status())
         storage.close()
+
+
+def test_close_is_idempotent_from_many_threads_and_later_writes_fail(database_url):
+    storage = rc.open_storage(database_url)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: storage.close(), range(8)))
+    storage.close()
+    with pytest.raises(Exception):
+        storage.write(Tx.create_instance, "late", "t", T0).result(timeout=10)
