@@ -1546,11 +1546,29 @@ class Server:
         except OSError as exc:
             await self.stop()
             raise OSError(exc.errno, f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
+        self._enlarge_receive_buffer()
         self._background.append(asyncio.get_running_loop().create_task(self._scheduler()))
         host, port = self.address
         log.info("runtara-core %s listening on %s:%d (QUIC, ALPN %s), database %s", __version__, host, port, ALPN,
                  _redact(settings.database_url))
         return self
+
+    RECEIVE_BUFFER = 8 * 2**20
+
+    def _enlarge_receive_buffer(self) -> None:
+        """Bursts of datagrams overflow Linux's default UDP buffer (about 208 KiB), and every lost packet
+        costs a retransmission timeout. Ask for more; past net.core.rmem_max only a privileged process may."""
+        sock = self._quic._transport.get_extra_info("socket")
+        for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+            if option is None:
+                continue
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, self.RECEIVE_BUFFER)
+                break
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux reports double
+        if granted < self.RECEIVE_BUFFER:
+            log.warning("the UDP receive buffer is %d KiB, not the %d KiB asked for; under load packets may be"
+                        " dropped (raise net.core.rmem_max)", granted // 1024, self.RECEIVE_BUFFER // 1024)
 
     async def _scheduler(self):
         """Every wake interval: fail stale instances; with a launch command, launch the due ones."""
@@ -1823,9 +1841,9 @@ class QuicTransport:
                     self.host.strip("[]"), self.port, configuration=self._configuration(),
                     create_protocol=create_protocol)), timeout=self.CONNECT_TIMEOUT_S)
             except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+                reason = self._why(exc, attempt[0].close_event if attempt else None)  # before our own close
                 await stack.aclose()
-                raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: "
-                                     + self._why(exc, attempt[0].close_event if attempt else None)) from None
+                raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {reason}") from None
             self._protocol, self._exit_stack = protocol, stack
             self._keepalive = asyncio.get_running_loop().create_task(self._ping(protocol))
             if self.on_connect is not None:
@@ -1833,13 +1851,13 @@ class QuicTransport:
             return protocol
 
     def _why(self, exc: BaseException, closed) -> str:
+        if isinstance(exc, asyncio.TimeoutError):  # (the close that followed was our own)
+            return f"no answer within {self.CONNECT_TIMEOUT_S:g} s (is the server running, and the UDP port open?)"
         if closed is not None and 0x100 <= closed.error_code <= 0x1FF:  # a TLS alert (RFC 9001, 4.8)
             return (f"the TLS handshake failed: {closed.reason_phrase or 'alert ' + str(closed.error_code - 0x100)}"
                     " (check RUNTARA_CA_FILE, or set RUNTARA_SKIP_CERT_VERIFICATION=1 to skip verification)")
         if closed is not None:
             return f"the connection closed: {closed.reason_phrase or 'code ' + str(closed.error_code)}"
-        if isinstance(exc, asyncio.TimeoutError):
-            return f"no answer within {self.CONNECT_TIMEOUT_S:g} s (is the server running, and the UDP port open?)"
         return str(exc) or type(exc).__name__
 
     async def _ping(self, protocol):
@@ -2408,6 +2426,8 @@ def build_cli():
     ):
         """Run the QUIC server until SIGINT or SIGTERM. RUNTARA_SECRET (environment only) turns on authentication."""
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if log_level.upper() != "DEBUG":
+            logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic says two lines per connection
         try:
             settings = Settings.from_env(database_url=database_url, host=host, port=port, tls_cert=tls_cert,
                                          tls_key=tls_key, insecure=insecure or None,

@@ -83,8 +83,10 @@ class ServerProcess:
 
     def __init__(self, argv: list[str], port: int, folder: str):
         self.port = port
+        self.log = Path(folder) / f"server-{port}.log"  # a pipe nobody reads would stall the server
         self.started = time.perf_counter()
-        self.process = subprocess.Popen(argv, cwd=folder, stderr=subprocess.PIPE, text=True)
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(argv, cwd=folder, stderr=log)
         asyncio.run(until_answering(port))
         self.ready_s = time.perf_counter() - self.started  # from the process's start to its first answer
 
@@ -104,7 +106,8 @@ class ServerProcess:
 
     def stop(self) -> str:
         self.process.terminate()
-        return self.process.communicate(timeout=60)[1]
+        self.process.wait(timeout=60)
+        return self.log.read_text()
 
 
 # -- the workload -------------------------------------------------------------------------------
@@ -269,8 +272,8 @@ def run_connected(folder: str, count: int) -> dict:
     async def connect():
         instances = [rc.Instance(f"idle-{n}", "bench", server_addr=f"127.0.0.1:{server.port}",
                                  heartbeat_interval_ms=0, env={}) for n in range(count)]
-        for batch in range(0, count, 100):
-            await asyncio.gather(*(i.register() for i in instances[batch:batch + 100]))
+        for batch in range(0, count, 50):
+            await asyncio.gather(*(i.register() for i in instances[batch:batch + 50]))
         await asyncio.sleep(1)
         memory = rss_mb(server.process.pid)
         await asyncio.gather(*(i.close() for i in instances))
@@ -412,6 +415,9 @@ def main() -> None:
     parser.add_argument("--soak", type=int, default=0, help="seconds of soak instead of the table")
     args = parser.parse_args()
     counts = [int(n) for n in args.instances.split(",")]
+    import resource
+    _, most = resource.getrlimit(resource.RLIMIT_NOFILE)  # a UDP socket per client connection
+    resource.setrlimit(resource.RLIMIT_NOFILE, (most, most))
 
     with tempfile.TemporaryDirectory(prefix="runtara-bench-") as folder, own_schema(args.postgres) as postgres:
         if args.soak:
@@ -437,6 +443,7 @@ def main() -> None:
                 row["vs_ceiling"] = row["per_second"] / ceiling["per_second"] if row is not ceiling else None
                 row["vs_dbos"] = row["per_second"] / dbos["per_second"] if dbos and row is not dbos else None
             rows += group
+            Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))  # kept if a later part fails
             print(f"done: {n} instances", file=sys.stderr)
         extras = {"machine": machine(), **run_connected(folder, args.connected),
                   "command": "python tests/bench.py " + " ".join(sys.argv[1:])}

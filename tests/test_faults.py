@@ -15,7 +15,7 @@ import pytest
 import runtara_core as rc
 from conftest import (ROOT, TEST_DATABASE_URL, free_udp_port, run, settings_for, spawn_server, start_server_process,
                       stop_server_process, wait_ready)
-from test_wake import PRELUDE
+from test_wake import STEPPER
 
 Tx = rc.Tx
 
@@ -115,26 +115,9 @@ def test_server_killed_while_32_instances_checkpoint(database_url, tmp_path):
     load.verify(database_url)
 
 
-KILLABLE = PRELUDE + '''
-async def main():
-    async with runtara.Instance(heartbeat_interval_ms=0) as instance:
-        for n in range(40):
-            @instance.durable(f"step-{{n}}")
-            async def step():
-                note(f"run {{n}}")
-                await asyncio.sleep(0.06)
-                return n
-            assert await step() == n
-            note(f"acked {{n}}")
-        await instance.completed(b"all steps")
-
-asyncio.run(main())
-'''
-
-
 def test_instances_killed_mid_workflow_never_redo_a_finished_step(server, tmp_path):
     script, log = tmp_path / "killable.py", tmp_path / "killable.log"
-    script.write_text(KILLABLE.format(root=str(ROOT)))
+    script.write_text(STEPPER.format(root=str(ROOT), steps=40, pause=0.06))
     host, port = server.address
     env = {**os.environ, "RUNTARA_INSTANCE_ID": "victim", "RUNTARA_TENANT_ID": "t",
            "RUNTARA_SERVER_ADDR": f"{host}:{port}"}

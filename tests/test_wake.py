@@ -52,12 +52,14 @@ asyncio.run(main())
 STEPPER = PRELUDE + '''
 async def main():
     async with runtara.Instance(heartbeat_interval_ms=0) as instance:
-        for n in range(6):
+        for n in range({steps}):
             @instance.durable(f"step-{{n}}")
             async def step():
-                note(f"step {{n}}")
-                await asyncio.sleep(0.3)
-            await step()
+                note(f"run {{n}}")
+                await asyncio.sleep({pause})
+                return n
+            assert await step() == n
+            note(f"acked {{n}}")
         await instance.completed(b"all steps")
 
 asyncio.run(main())
@@ -79,9 +81,9 @@ asyncio.run(main())
 '''
 
 
-def script(tmp_path, name, template):
+def script(tmp_path, name, template, **fields):
     path = tmp_path / f"{name}.py"
-    path.write_text(template.format(root=str(ROOT)))
+    path.write_text(template.format(root=str(ROOT), **fields))
     log = tmp_path / f"{name}.log"
     log.touch()
     return f"{sys.executable} {path} {log}", log
@@ -185,10 +187,10 @@ def test_sleeping_instance_is_relaunched_and_completes(server_factory, tmp_path)
 
 
 def test_paused_instance_is_relaunched_after_resume(server_factory, tmp_path, database_url):
-    command, log = script(tmp_path, "stepper", STEPPER)
+    command, log = script(tmp_path, "stepper", STEPPER, steps=6, pause=0.3)
     server = server_factory(launch_command=command, wake_interval_ms=100)
     first = start_instance(command, server, "stepper")
-    wait_until(lambda: "stepper step 0" in log.read_text(), what="the first step")
+    wait_until(lambda: "stepper acked 0" in log.read_text(), what="the first step")
     cli = [sys.executable, str(ROOT / "runtara_core.py"), "signal", "stepper"]
     subprocess.run(cli + ["pause", "--database-url", database_url], check=True, timeout=60)
     assert first.wait(timeout=30) == 0, first.stderr.read()
@@ -197,8 +199,8 @@ def test_paused_instance_is_relaunched_after_resume(server_factory, tmp_path, da
     assert status_of(server, "stepper")["status"] == "suspended"  # a pause is not a wake
     subprocess.run(cli + ["resume", "--database-url", database_url], check=True, timeout=60)
     wait_until(lambda: status_of(server, "stepper")["status"] == "completed", what="the resumed instance")
-    steps = log.read_text().splitlines()
-    assert steps == [f"stepper step {n}" for n in range(6)]  # every step ran exactly once
+    steps = [line for line in log.read_text().splitlines() if " run " in line]
+    assert steps == [f"stepper run {n}" for n in range(6)]  # every step ran exactly once
     types = [e["event_type"] for e in events_of(server, "stepper")]
     assert types.count("launched") == 1 and types[-1] == "completed"
 
