@@ -507,9 +507,16 @@ class Tx:
     def count_running(self) -> int:
         return self.value("SELECT count(*) FROM instances WHERE status = 'running'")
 
-    def touch_heartbeat(self, instance_id: str, now: int) -> bool:
-        return bool(self.rows("UPDATE instances SET heartbeat_at_ms = ? WHERE instance_id = ? RETURNING 1",
-                              now, instance_id))
+    def touch_heartbeat(self, instance_id: str, now: int, only_if: str | None = None) -> bool:
+        """Stamp a sign of life; with `only_if`, only in that status. A guard that also holds the row
+        until commit on PostgreSQL. True when stamped."""
+        where, args = _filters(instance_id=instance_id, status=only_if)
+        return bool(self.rows("UPDATE instances SET heartbeat_at_ms = ?" + where + " RETURNING 1", now, *args))
+
+    def oldest_running(self) -> dict | None:
+        row = self.row("SELECT instance_id, started_at_ms FROM instances WHERE status = 'running'"
+                       " ORDER BY started_at_ms LIMIT 1")
+        return row and {"instance_id": row[0], "started_at_ms": row[1]}
 
     def fail_stale(self, cutoff: int, now: int) -> list[tuple[str, int]]:
         """Fail running instances silent since before `cutoff`: [(instance_id, last sign of life)]."""
@@ -540,12 +547,19 @@ class Tx:
         """Delete an instance with its checkpoints, events and signals (by cascade)."""
         return bool(self.rows("DELETE FROM instances WHERE instance_id = ? RETURNING 1", instance_id))
 
+    _FINISHED = ("SELECT instance_id FROM instances WHERE status IN ('completed', 'failed', 'cancelled')"
+                 " AND finished_at_ms < ?")
+
+    def count_finished(self, before: int) -> dict[str, int]:
+        """What delete_finished would remove: terminal instances finished before `before`, and theirs."""
+        return {table: self.value(f"SELECT count(*) FROM {table} WHERE instance_id IN ({self._FINISHED})", before)
+                for table in ("instances", "checkpoints", "events")}
+
     def delete_finished(self, before: int, limit: int) -> list[str]:
         """Delete up to `limit` terminal instances finished before `before`; their ids."""
         return [row[0] for row in self.rows(
-            "DELETE FROM instances WHERE instance_id IN (SELECT instance_id FROM instances"
-            " WHERE status IN ('completed', 'failed', 'cancelled') AND finished_at_ms < ? LIMIT ?)"
-            " RETURNING instance_id", before, limit)]
+            f"DELETE FROM instances WHERE instance_id IN ({self._FINISHED} LIMIT ?) RETURNING instance_id",
+            before, limit)]
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -554,10 +568,8 @@ class Tx:
         if self.rows("INSERT INTO checkpoints (instance_id, checkpoint_id, state, created_at_ms) VALUES (?, ?, ?, ?)"
                      " ON CONFLICT (instance_id, checkpoint_id) DO NOTHING RETURNING 1",
                      instance_id, checkpoint_id, state, now):
-            self.rows("UPDATE instances SET checkpoint_id = ?, heartbeat_at_ms = ? WHERE instance_id = ?",
-                      checkpoint_id, now, instance_id)
+            self.rows("UPDATE instances SET checkpoint_id = ? WHERE instance_id = ?", checkpoint_id, instance_id)
             return None
-        self.touch_heartbeat(instance_id, now)
         return self.get_checkpoint(instance_id, checkpoint_id)
 
     def get_checkpoint(self, instance_id: str, checkpoint_id: str) -> bytes | None:
@@ -1022,8 +1034,7 @@ def _existing(tx: Tx, instance_id: str, lock: bool = False) -> dict:
 
 def _require_running(tx: Tx, instance_id: str, now: int, action: str) -> None:
     """Guard, heartbeat and (on PostgreSQL) row lock in one statement."""
-    if not tx.rows("UPDATE instances SET heartbeat_at_ms = ? WHERE instance_id = ? AND status = 'running' RETURNING 1",
-                   now, instance_id):
+    if not tx.touch_heartbeat(instance_id, now, only_if="running"):
         _refuse(tx, instance_id, action)
 
 
@@ -2283,20 +2294,9 @@ STATUS_STYLES = {"pending": "dim", "running": "green", "suspended": "yellow", "c
                  "failed": "red", "cancelled": "magenta"}
 
 
-def _gc_summary(tx: Tx, before: int) -> dict:
-    where = " IN (SELECT instance_id FROM instances WHERE status IN ('completed', 'failed', 'cancelled')" \
-            " AND finished_at_ms < ?)"
-    return {"instances": tx.value("SELECT count(*) FROM instances WHERE instance_id" + where, before),
-            "checkpoints": tx.value("SELECT count(*) FROM checkpoints WHERE instance_id" + where, before),
-            "events": tx.value("SELECT count(*) FROM events WHERE instance_id" + where, before)}
-
-
 def _stats(tx: Tx) -> dict:
-    oldest = tx.row("SELECT instance_id, started_at_ms FROM instances WHERE status = 'running'"
-                    " ORDER BY started_at_ms LIMIT 1")
     return {"instances": tx.count_by_status(), "checkpoints": tx.count_checkpoints(), "events": tx.count_events(),
-            "database_bytes": tx.database_size(),
-            "oldest_running": oldest and {"instance_id": oldest[0], "started_at_ms": oldest[1]}}
+            "database_bytes": tx.database_size(), "oldest_running": tx.oldest_running()}
 
 
 def _show(tx: Tx, instance_id: str, checkpoints: int, events: int) -> dict:
@@ -2586,7 +2586,7 @@ def build_cli():
         """Delete terminal instances finished before the cutoff, with their checkpoints, events and signals."""
         before = now_ms() - duration(older_than)
         with database(database_url) as db:
-            summary = db.read(_gc_summary, before)
+            summary = db.read(Tx.count_finished, before)
             removed = 0
             if not dry_run and summary["instances"]:
                 with Progress(console=err, transient=False) as progress:
