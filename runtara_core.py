@@ -1564,18 +1564,14 @@ class Server:
                  _redact(settings.database_url))
         return self
 
-    RECEIVE_BUFFER = 8 * 2**20
+    RECEIVE_BUFFER = 4 * 2**20
 
     def _enlarge_receive_buffer(self) -> None:
         """Bursts of datagrams overflow Linux's default UDP buffer (about 208 KiB), and every lost packet
-        costs a retransmission timeout. Ask for more; past net.core.rmem_max only a privileged process may."""
+        costs a retransmission timeout. Ask for more; the kernel grants up to net.core.rmem_max."""
         sock = self._quic._transport.get_extra_info("socket")
-        for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
-            if option is None:
-                continue
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, option, self.RECEIVE_BUFFER)
-                break
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.RECEIVE_BUFFER)
         granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux reports double
         if granted < self.RECEIVE_BUFFER:
             log.warning("the UDP receive buffer is %d KiB, not the %d KiB asked for; under load packets may be"

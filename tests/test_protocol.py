@@ -555,3 +555,12 @@ def test_stale_running_instance_is_failed(server_factory):
         await quiet.close()
         await busy.close()
     run(scenario())
+
+
+def test_server_asks_for_a_large_udp_receive_buffer(server):
+    import socket
+    from pathlib import Path
+
+    most = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    sock = server.server._quic._transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2 >= min(rc.Server.RECEIVE_BUFFER, most)
