@@ -166,8 +166,12 @@ def test_postgresql_restart_during_load(postgres_url):
     async def chaos():
         await load.until(60)
         await asyncio.to_thread(subprocess.run, cluster + ["stop", "-m", "fast"], check=True)
-        await asyncio.sleep(2)
+        for _ in range(200):  # a request waits up to the pool's 5 s timeout before it fails
+            if load.failures:
+                break
+            await asyncio.sleep(0.1)
         down_errors = len(load.failures)
+        await asyncio.sleep(1)
         await asyncio.to_thread(subprocess.run, cluster + ["start"], check=True)
         assert down_errors > 0  # requests failed while it was down
 
