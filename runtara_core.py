@@ -833,19 +833,23 @@ class SQLiteStorage(Storage):
 
     def _commit_group(self, conn, tx, jobs):
         outcomes = []
+        grouped = len(jobs) > 1  # a job alone in its transaction needs no savepoint: ROLLBACK undoes just it
         try:
             conn.execute("BEGIN IMMEDIATE")
             for future, fn, args, kwargs in jobs:
-                conn.execute("SAVEPOINT job")
+                if grouped:
+                    conn.execute("SAVEPOINT job")
                 try:
                     outcomes.append((future, fn(tx, *args, **kwargs), None))
                 except BaseException as exc:  # the job fails alone; its writes are undone
-                    conn.execute("ROLLBACK TO job")
+                    conn.execute("ROLLBACK TO job" if grouped else "ROLLBACK")
                     outcomes.append((future, None, exc))
-                conn.execute("RELEASE job")
-            conn.execute("COMMIT")
-            self.writes += len(jobs)
-            self.commits += 1
+                if grouped:
+                    conn.execute("RELEASE job")
+            if not conn.getautocommit():
+                conn.execute("COMMIT")
+                self.writes += sum(error is None for _, _, error in outcomes)
+                self.commits += 1
         except self._apsw.Error as exc:
             if not conn.getautocommit():
                 conn.execute("ROLLBACK")
