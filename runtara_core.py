@@ -248,7 +248,8 @@ class FrameReader:
             return None
         if self.length is None or len(self.buffer) < FRAME_HEADER.size + self.length:
             raise InvalidRequest(f"truncated frame: the stream ended after {len(self.buffer)} bytes")
-        return self.frame_type, decode_payload(bytes(self.buffer[FRAME_HEADER.size:]))
+        with memoryview(self.buffer) as view:  # msgpack reads it in place: no copy of a large payload
+            return self.frame_type, decode_payload(view[FRAME_HEADER.size:])
 
 
 def decode_payload(payload: bytes) -> dict:
