@@ -91,6 +91,7 @@ class Settings:
     launch_timeout_ms: int = 30_000
     launch_max_attempts: int = 5
     sqlite_synchronous: str = "FULL"
+    event_loop: str = "auto"  # what `serve` runs on: uvloop when installed ("auto"), or "uvloop", "asyncio"
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> "Settings":
@@ -111,6 +112,7 @@ class Settings:
             launch_timeout_ms=_env_int(env, "RUNTARA_LAUNCH_TIMEOUT_MS", 30_000),
             launch_max_attempts=_env_int(env, "RUNTARA_LAUNCH_MAX_ATTEMPTS", 5),
             sqlite_synchronous=(env.get("RUNTARA_SQLITE_SYNCHRONOUS") or "FULL").upper(),
+            event_loop=(env.get("RUNTARA_EVENT_LOOP") or "auto").lower(),
         )
         settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
         settings.validate()
@@ -121,6 +123,8 @@ class Settings:
             raise ValueError(f"RUNTARA_MAX_MESSAGE_BYTES must be between 1 and {MAX_PAYLOAD_BYTES}")
         if self.sqlite_synchronous not in ("FULL", "NORMAL"):
             raise ValueError("RUNTARA_SQLITE_SYNCHRONOUS must be FULL or NORMAL")
+        if self.event_loop not in ("auto", "uvloop", "asyncio"):
+            raise ValueError("RUNTARA_EVENT_LOOP must be auto, uvloop or asyncio")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"RUNTARA_QUIC_PORT must be a UDP port number, not {self.port}")
         if self.launch_command is not None and not shlex.split(self.launch_command):
@@ -430,6 +434,7 @@ POSTGRESQL = Dialect("postgresql", "%s", " FOR UPDATE", " FOR UPDATE SKIP LOCKED
 INSTANCE_COLUMNS = ("instance_id", "tenant_id", "status", "checkpoint_id", "created_at_ms", "started_at_ms",
                     "finished_at_ms", "heartbeat_at_ms", "sleep_until_ms", "output", "error")
 _INSTANCE_SELECT = "SELECT " + ", ".join(INSTANCE_COLUMNS) + " FROM instances"
+SIGNAL_COLUMNS = ("signal_type", "payload", "created_at_ms")
 WAKE_COLUMNS = ("instance_id", "tenant_id", "checkpoint_id", "sleep_until_ms", "launch_lease_until_ms",
                 "launch_attempts")
 
@@ -508,11 +513,10 @@ class Tx:
     def count_running(self) -> int:
         return self.value("SELECT count(*) FROM instances WHERE status = 'running'")
 
-    def touch_heartbeat(self, instance_id: str, now: int, only_if: str | None = None) -> bool:
-        """Stamp a sign of life; with `only_if`, only in that status. A guard that also holds the row
-        until commit on PostgreSQL. True when stamped."""
-        where, args = _filters(instance_id=instance_id, status=only_if)
-        return bool(self.rows("UPDATE instances SET heartbeat_at_ms = ?" + where + " RETURNING 1", now, *args))
+    def touch_heartbeat(self, instance_id: str, now: int) -> bool:
+        """Stamp a sign of life; True when the instance exists."""
+        return bool(self.rows("UPDATE instances SET heartbeat_at_ms = ? WHERE instance_id = ? RETURNING 1",
+                              now, instance_id))
 
     def oldest_running(self) -> dict | None:
         row = self.row("SELECT instance_id, started_at_ms FROM instances WHERE status = 'running'"
@@ -564,14 +568,32 @@ class Tx:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def save_checkpoint(self, instance_id: str, checkpoint_id: str, state: bytes, now: int) -> bytes | None:
-        """Save `state` unless this checkpoint id has one: None when saved, else the first state, forever."""
-        if self.rows("INSERT INTO checkpoints (instance_id, checkpoint_id, state, created_at_ms) VALUES (?, ?, ?, ?)"
-                     " ON CONFLICT (instance_id, checkpoint_id) DO NOTHING RETURNING 1",
-                     instance_id, checkpoint_id, state, now):
-            self.rows("UPDATE instances SET checkpoint_id = ? WHERE instance_id = ?", checkpoint_id, instance_id)
+    # The hot path, one statement when the checkpoint is new: it checks that the instance runs, stamps its
+    # heartbeat, makes a new checkpoint id the latest and reads all the answer needs. The INSERT follows.
+    _SAVE = ("UPDATE instances SET heartbeat_at_ms = ?, checkpoint_id = CASE WHEN EXISTS (SELECT 1 FROM checkpoints c"
+             " WHERE c.instance_id = instances.instance_id AND c.checkpoint_id = ?) THEN checkpoint_id ELSE ? END"
+             " WHERE instance_id = ? AND status = 'running' RETURNING sleep_until_ms,"
+             " (SELECT state FROM checkpoints c WHERE c.instance_id = instances.instance_id AND c.checkpoint_id = ?),"
+             + ", ".join(f"(SELECT {column} FROM signals s WHERE s.instance_id = instances.instance_id)"
+                         for column in SIGNAL_COLUMNS) +
+             ", EXISTS (SELECT 1 FROM custom_signals u WHERE u.instance_id = instances.instance_id"
+             " AND u.checkpoint_id = ?)")
+
+    def save_checkpoint(self, instance_id: str, checkpoint_id: str, state: bytes, now: int) -> dict | None:
+        """Save a running instance's `state` unless this checkpoint id has one (the first state stays, forever),
+        and stamp its heartbeat. None when the instance is not running; else {"first": the state already saved
+        or None, "sleep_until_ms", "signal": the pending signal or None, "custom_waiting": bool}."""
+        row = self.row(self._SAVE, now, checkpoint_id, checkpoint_id, instance_id, checkpoint_id, checkpoint_id)
+        if row is None:
             return None
-        return self.get_checkpoint(instance_id, checkpoint_id)
+        sleep_until, first, signal_type, *signal, custom_waiting = row
+        if first is None and not self.rows(
+                "INSERT INTO checkpoints (instance_id, checkpoint_id, state, created_at_ms) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (instance_id, checkpoint_id) DO NOTHING RETURNING 1",
+                instance_id, checkpoint_id, state, now):
+            first = self.get_checkpoint(instance_id, checkpoint_id)  # a concurrent transaction saved it first
+        return {"first": first, "sleep_until_ms": sleep_until, "custom_waiting": bool(custom_waiting),
+                "signal": dict(zip(SIGNAL_COLUMNS, (signal_type, *signal))) if signal_type else None}
 
     def get_checkpoint(self, instance_id: str, checkpoint_id: str) -> bytes | None:
         return self.value("SELECT state FROM checkpoints WHERE instance_id = ? AND checkpoint_id = ?",
@@ -614,8 +636,8 @@ class Tx:
                   instance_id, signal_type, payload, now)
 
     def get_signal(self, instance_id: str) -> dict | None:
-        row = self.row("SELECT signal_type, payload, created_at_ms FROM signals WHERE instance_id = ?", instance_id)
-        return dict(zip(("signal_type", "payload", "created_at_ms"), row)) if row else None
+        row = self.row("SELECT " + ", ".join(SIGNAL_COLUMNS) + " FROM signals WHERE instance_id = ?", instance_id)
+        return dict(zip(SIGNAL_COLUMNS, row)) if row else None
 
     def ack_signal(self, instance_id: str, signal_type: str) -> bool:
         """Clear the pending signal if it is of `signal_type`; True when it was."""
@@ -717,9 +739,11 @@ def _apply_migration(tx: Tx, version: int, name: str, sql: str) -> bool:
 
 class Storage:
     """The database behind the engine: `write(fn, ...)` and `read(fn, ...)` run `fn(tx, ...)` in a
-    transaction on a database thread and return a concurrent.futures.Future of its result.
+    transaction on a database thread and return a concurrent.futures.Future of its result;
+    `write_soon(fn, ...)` is write() for a caller on an event loop, returning an asyncio future.
 
     Writes that fail roll back alone; a caller's future resolves only after its commit is durable.
+    A write function must touch nothing but `tx`: it may run twice (see SQLiteStorage).
     """
 
     dialect: Dialect
@@ -727,6 +751,9 @@ class Storage:
 
     def write(self, fn: Callable, *args, **kwargs) -> concurrent.futures.Future:
         raise NotImplementedError
+
+    def write_soon(self, fn: Callable, *args) -> asyncio.Future:
+        return asyncio.wrap_future(self.write(fn, *args))
 
     def read(self, fn: Callable, *args, **kwargs) -> concurrent.futures.Future:
         raise NotImplementedError
@@ -765,8 +792,39 @@ class Storage:
         return done
 
 
-def _sqlite_rows(connection, statement: str, args: tuple) -> list:
-    return list(connection.execute(statement, args or None))
+def _sqlite_rows(cursor, statement: str, args: tuple) -> list:
+    return list(cursor.execute(statement, args or None))
+
+
+def _wanted(future) -> bool:
+    """False for a job whose caller gave up before it started; a started concurrent future cannot be cancelled."""
+    if isinstance(future, concurrent.futures.Future):
+        return future.set_running_or_notify_cancel()
+    return not future.cancelled()
+
+
+def _settle(outcomes: list[tuple]) -> None:
+    for future, result, error in outcomes:
+        if not future.cancelled():
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+
+def _settle_all(outcomes: list[tuple]) -> None:
+    """Resolve futures from the writer thread: concurrent ones here, each event loop's in one call on it."""
+    on_loops: dict = {}
+    for outcome in outcomes:
+        future = outcome[0]
+        on_loops.setdefault(None if isinstance(future, concurrent.futures.Future) else future.get_loop(),
+                            []).append(outcome)
+    for loop, settled in on_loops.items():
+        if loop is None:
+            _settle(settled)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits these any more
+                loop.call_soon_threadsafe(_settle, settled)
 
 
 class SQLiteStorage(Storage):
@@ -807,7 +865,13 @@ class SQLiteStorage(Storage):
     # Writes: everything queued while the last commit ran goes into the next transaction.
 
     def write(self, fn, *args, **kwargs):
-        future = concurrent.futures.Future()
+        return self._queue(concurrent.futures.Future(), fn, args, kwargs)
+
+    def write_soon(self, fn, *args):
+        # Resolved with the rest of its commit group in one call on the loop, not one wake-up per write.
+        return self._queue(asyncio.get_running_loop().create_future(), fn, args, {})
+
+    def _queue(self, future, fn, args, kwargs):
         with self._closing:
             if self._writer.is_alive():
                 self._writes.put((future, fn, args, kwargs))
@@ -817,7 +881,7 @@ class SQLiteStorage(Storage):
 
     def _write_loop(self):
         conn = self._writer_conn
-        tx = Tx(SQLITE, functools.partial(_sqlite_rows, conn))
+        tx = Tx(SQLITE, functools.partial(_sqlite_rows, conn.cursor()))
         while True:
             batch = [self._writes.get()]
             while True:
@@ -826,41 +890,52 @@ class SQLiteStorage(Storage):
                 except queue.Empty:
                     break
             stop = any(job is None for job in batch)
-            jobs = [job for job in batch if job is not None and job[0].set_running_or_notify_cancel()]
+            jobs = [job for job in batch if job is not None and _wanted(job[0])]
             if jobs:
-                self._commit_group(conn, tx, jobs)
+                _settle_all(self._commit_group(conn, tx, jobs))
             if stop:
                 return
 
-    def _commit_group(self, conn, tx, jobs):
-        outcomes = []
-        grouped = len(jobs) > 1  # a job alone in its transaction needs no savepoint: ROLLBACK undoes just it
+    def _commit_group(self, conn, tx, jobs) -> list[tuple]:
+        """Run the jobs in one transaction and commit it: [(future, result, exception)].
+
+        A savepoint around each job would cost two statements per write, so a group first runs without
+        them; only when a job fails is the group rolled back and run again with one savepoint per job."""
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for future, fn, args, kwargs in jobs:
-                if grouped:
-                    conn.execute("SAVEPOINT job")
-                try:
-                    outcomes.append((future, fn(tx, *args, **kwargs), None))
-                except BaseException as exc:  # the job fails alone; its writes are undone
-                    conn.execute("ROLLBACK TO job" if grouped else "ROLLBACK")
-                    outcomes.append((future, None, exc))
-                if grouped:
-                    conn.execute("RELEASE job")
-            if not conn.getautocommit():
-                conn.execute("COMMIT")
-                self.writes += sum(error is None for _, _, error in outcomes)
-                self.commits += 1
+            outcomes = self._run_jobs(conn, tx, jobs, savepoints=False)
+            if outcomes[-1][2] is not None:  # a job failed, and its writes are mixed with the others'
+                conn.execute("ROLLBACK")
+                if len(jobs) == 1:
+                    return outcomes
+                outcomes = self._run_jobs(conn, tx, jobs, savepoints=True)
+            conn.execute("COMMIT")
+            self.writes += sum(error is None for _, _, error in outcomes)
+            self.commits += 1
+            return outcomes
         except self._apsw.Error as exc:
             if not conn.getautocommit():
                 conn.execute("ROLLBACK")
             failure = StorageError(f"SQLite write failed, nothing of this request was saved: {exc}")
-            outcomes = [(future, None, failure) for future, *_ in jobs]
-        for future, result, error in outcomes:
-            if error is None:
-                future.set_result(result)
-            else:
-                future.set_exception(error)
+            return [(future, None, failure) for future, *_ in jobs]
+
+    @staticmethod
+    def _run_jobs(conn, tx, jobs, savepoints: bool) -> list[tuple]:
+        """The jobs' outcomes in a new transaction; without savepoints, up to the first that fails."""
+        conn.execute("BEGIN IMMEDIATE")
+        outcomes = []
+        for future, fn, args, kwargs in jobs:
+            if savepoints:
+                conn.execute("SAVEPOINT job")
+            try:
+                outcomes.append((future, fn(tx, *args, **kwargs), None))
+            except BaseException as exc:
+                outcomes.append((future, None, exc))
+                if not savepoints:
+                    return outcomes
+                conn.execute("ROLLBACK TO job")  # the job fails alone; its writes are undone
+            if savepoints:
+                conn.execute("RELEASE job")
+        return outcomes
 
     # Reads: each reader thread has its own connection; WAL readers never block the writer.
 
@@ -874,7 +949,7 @@ class SQLiteStorage(Storage):
             self._readers.append(conn)
         conn.execute("BEGIN")
         try:
-            return fn(Tx(SQLITE, functools.partial(_sqlite_rows, conn)), *args, **kwargs)
+            return fn(Tx(SQLITE, functools.partial(_sqlite_rows, conn.cursor())), *args, **kwargs)
         finally:
             conn.execute("COMMIT")
 
@@ -1017,11 +1092,6 @@ def _status_map(instance: dict, with_output: bool = True) -> dict:
     return _compact(fields)
 
 
-def _signal_map(signal: dict | None) -> dict | None:
-    return signal and {"signal_type": signal["signal_type"], "payload": signal["payload"],
-                       "created_at_ms": signal["created_at_ms"]}
-
-
 def _refuse(tx: Tx, instance_id: str, action: str):
     """Raise the error that explains why a guarded statement changed nothing."""
     instance = tx.get_instance(instance_id)
@@ -1035,12 +1105,6 @@ def _existing(tx: Tx, instance_id: str, lock: bool = False) -> dict:
     if instance is None:
         raise InstanceNotFound(f"no instance {instance_id}")
     return instance
-
-
-def _require_running(tx: Tx, instance_id: str, now: int, action: str) -> None:
-    """Guard, heartbeat and (on PostgreSQL) row lock in one statement."""
-    if not tx.touch_heartbeat(instance_id, now, only_if="running"):
-        _refuse(tx, instance_id, action)
 
 
 def _register(tx: Tx, instance_id, tenant_id, checkpoint_id, now, max_running) -> dict:
@@ -1061,12 +1125,18 @@ def _register(tx: Tx, instance_id, tenant_id, checkpoint_id, now, max_running) -
                      "resumed": resumed})
 
 
-def _checkpoint(tx: Tx, instance_id, checkpoint_id, state, now) -> dict:
-    _require_running(tx, instance_id, now, "save a checkpoint")
+def _save(tx: Tx, instance_id, checkpoint_id, state, now, action: str) -> dict:
     saved = tx.save_checkpoint(instance_id, checkpoint_id, state, now)
-    custom = tx.take_custom_signal(instance_id, checkpoint_id)
-    return _compact({"found": saved is not None, "state": b"" if saved is None else saved,
-                     "pending_signal": _signal_map(tx.get_signal(instance_id)),
+    if saved is None:
+        _refuse(tx, instance_id, action)
+    return saved
+
+
+def _checkpoint(tx: Tx, instance_id, checkpoint_id, state, now) -> dict:
+    saved = _save(tx, instance_id, checkpoint_id, state, now, "save a checkpoint")
+    custom = tx.take_custom_signal(instance_id, checkpoint_id) if saved["custom_waiting"] else None
+    return _compact({"found": saved["first"] is not None, "state": saved["first"] or b"",
+                     "pending_signal": saved["signal"],
                      "custom_signal": None if custom is None else {"checkpoint_id": checkpoint_id, "payload": custom}})
 
 
@@ -1078,9 +1148,8 @@ def _get_checkpoint(tx: Tx, instance_id, checkpoint_id) -> dict:
 
 def _start_sleep(tx: Tx, instance_id, checkpoint_id, state, duration_ms, now, inline_max_ms) -> tuple[bool, int]:
     """Save the checkpoint and settle the wake time: (suspended, wake_at_ms)."""
-    _require_running(tx, instance_id, now, "sleep")
-    replayed = tx.save_checkpoint(instance_id, checkpoint_id, state, now) is not None
-    stored = tx.get_instance(instance_id)["sleep_until_ms"]
+    saved = _save(tx, instance_id, checkpoint_id, state, now, "sleep")
+    replayed, stored = saved["first"] is not None, saved["sleep_until_ms"]
     if replayed and stored is not None:
         wake_at = stored  # a relaunched instance replaying its sleep waits only for what is left
     elif replayed:
@@ -1122,7 +1191,7 @@ def _apply_events(tx: Tx, events: list[dict], now: int) -> int:
 def _poll_signals(tx: Tx, instance_id, checkpoint_id) -> dict:
     _existing(tx, instance_id)
     custom = checkpoint_id and tx.take_custom_signal(instance_id, checkpoint_id)
-    return _compact({"signal": _signal_map(tx.get_signal(instance_id)),
+    return _compact({"signal": tx.get_signal(instance_id),
                      "custom_signal": None if custom is None else {"checkpoint_id": checkpoint_id, "payload": custom}})
 
 
@@ -1212,7 +1281,7 @@ class Core:
         self.admin_token = admin_token(self.settings.secret) if self.settings.secret else None
 
     def _write(self, fn, *args):
-        return asyncio.wrap_future(self.storage.write(fn, *args))
+        return self.storage.write_soon(fn, *args)
 
     def _read(self, fn, *args):
         return asyncio.wrap_future(self.storage.read(fn, *args))
@@ -1419,21 +1488,40 @@ def is_loopback(host: str) -> bool:
 
 
 @functools.cache
-def _server_protocol():
-    """The connection class, built on first use: importing aioquic costs about 0.2 s, which the CLI
-    and the embedded backend do not pay."""
+def _frame_protocol():
+    """What both ends of a connection share, built on first use: importing aioquic costs about 0.2 s,
+    which the CLI and the embedded backend do not pay."""
     from aioquic.asyncio import QuicConnectionProtocol
+    from aioquic.tls import Epoch
+
+    class FrameProtocol(QuicConnectionProtocol):
+        def send_frame(self, stream_id: int, frame: bytes) -> None:
+            """Send a whole frame on a stream, with the ACK this end owes the peer in the same datagram.
+
+            aioquic writes an ACK frame only once its ack delay has run out, so a request or answer sent
+            sooner leaves the ACK to a datagram of its own, which costs each end as much CPU as the frame.
+            Making the owed ACK due now lets it ride (RFC 9000, 13.2.1 and 13.2.2: an ACK may go in any
+            packet); a frame per request and one per answer is then all that crosses."""
+            space = self._quic._spaces[Epoch.ONE_RTT]
+            if space.ack_at is not None:
+                space.ack_at = 0.0
+            self._quic.send_stream_data(stream_id, frame, end_stream=True)
+            self.transmit()
+
+    return FrameProtocol
+
+
+@functools.cache
+def _server_protocol():
     from aioquic.quic.events import ConnectionTerminated, StreamDataReceived, StreamReset
 
-    class ServerProtocol(QuicConnectionProtocol):
+    class ServerProtocol(_frame_protocol()):
         """One client connection: one frame in and one frame out per bidirectional stream."""
 
         def __init__(self, *args, server: "Server", **kwargs):
             super().__init__(*args, **kwargs)
-            # aioquic acknowledges a packet after 1 ms; an answer waits for a commit, so each request would
-            # cost a datagram for its ACK alone. RFC 9000 (13.2.1) allows waiting up to the advertised
-            # max_ack_delay (aioquic: 25 ms): at 15 ms the ACK rides in the answer. Measured: about 20% less
-            # server CPU per checkpoint (tests/bench.py). Delaying the client's ACKs too made things worse.
+            # aioquic acknowledges a packet after 1 ms, but an answer waits for a commit: wait up to 15 ms
+            # (under the 25 ms max_ack_delay aioquic advertises) so the ACK rides in the answer.
             self._quic._ack_delay = 0.015
             self.server = server
             self.session = Session()
@@ -1441,6 +1529,28 @@ def _server_protocol():
             self.rejected: set[int] = set()  # streams answered early whose remaining bytes are dropped
             self.buffered = 0  # bytes held by self.readers
             self.open = True
+            self.new_requests = False  # the datagram being read started requests
+            self.transmit_timer: asyncio.TimerHandle | None = None
+
+        # aioquic transmits after every datagram it reads. After one that brought requests, that would only
+        # build an empty packet: what this end owes (the ACK, flow control) goes with the answers, a commit
+        # later. Wait for them, but never longer than ANSWER_WAIT_S, which is less than the ACK delay.
+        ANSWER_WAIT_S = 0.010
+
+        def datagram_received(self, data, addr):
+            self.new_requests = False
+            self._quic.receive_datagram(data, addr, now=self._loop.time())
+            self._process_events()
+            if not self.new_requests:
+                self.transmit()
+            elif self.transmit_timer is None:
+                self.transmit_timer = self._loop.call_later(self.ANSWER_WAIT_S, self.transmit)
+
+        def transmit(self):
+            if self.transmit_timer is not None:
+                self.transmit_timer.cancel()
+                self.transmit_timer = None
+            super().transmit()
 
         def quic_event_received(self, event):
             if isinstance(event, StreamDataReceived):
@@ -1477,6 +1587,7 @@ def _server_protocol():
             if frame is not None:
                 self.drop(stream_id)
                 self.server.track(self.handle(stream_id, frame[1]))
+                self.new_requests = True
 
         def hold(self, size: int):
             """Bound the bytes of unfinished requests, per connection and in the whole server."""
@@ -1508,10 +1619,9 @@ def _server_protocol():
             if not self.open:
                 return
             try:
-                self._quic.send_stream_data(stream_id, frame, end_stream=True)
+                self.send_frame(stream_id, frame)
             except Exception as exc:  # the peer reset or stopped the stream meanwhile
                 log.debug("stream %d: answer dropped: %s", stream_id, exc)
-            self.transmit()
 
     return ServerProtocol
 
@@ -1565,8 +1675,8 @@ class Server:
         self._enlarge_receive_buffer()
         self._background.append(asyncio.get_running_loop().create_task(self._scheduler()))
         host, port = self.address
-        log.info("runtara-core %s listening on %s:%d (QUIC, ALPN %s), database %s", __version__, host, port, ALPN,
-                 _redact(settings.database_url))
+        log.info("runtara-core %s listening on %s:%d (QUIC, ALPN %s, %s loop), database %s", __version__, host, port,
+                 ALPN, type(asyncio.get_running_loop()).__module__.split(".")[0], _redact(settings.database_url))
         return self
 
     RECEIVE_BUFFER = 4 * 2**20
@@ -1669,13 +1779,35 @@ class Server:
             await self.stop()
 
 
+def uvloop_for(settings: Settings):
+    """The uvloop module when the settings choose it, or choose "auto" and it is installed; else None.
+
+    uvloop takes about a quarter off the server's CPU per request (tests/bench.py); it is optional."""
+    if settings.event_loop == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if settings.event_loop == "uvloop":
+            raise ValueError("RUNTARA_EVENT_LOOP=uvloop needs uvloop: pip install 'runtara-core[uvloop]'") from None
+        return None
+    return uvloop
+
+
+def run_server(settings: Settings) -> None:
+    """Serve until SIGINT or SIGTERM on the event loop the settings choose: what `serve` does."""
+    uvloop = uvloop_for(settings)
+    (uvloop.run if uvloop else asyncio.run)(Server(settings).run())
+
+
 class ServerThread:
     """A Server on its own event loop in a background thread, for programs that are not asyncio:
     `with ServerThread(settings) as server: ... server.address ...`."""
 
     def __init__(self, settings: Settings | None = None, storage: Storage | None = None):
         self.server = Server(settings, storage)
-        self._loop = asyncio.new_event_loop()
+        uvloop = uvloop_for(self.server.settings)
+        self._loop = (uvloop.new_event_loop if uvloop else asyncio.new_event_loop)()
         self._thread = threading.Thread(target=self._loop.run_forever, name="runtara-server", daemon=True)
 
     @property
@@ -1732,10 +1864,9 @@ def _truthy(value: str | None) -> bool:
 
 @functools.cache
 def _client_protocol():
-    from aioquic.asyncio import QuicConnectionProtocol
     from aioquic.quic.events import ConnectionTerminated, StreamDataReceived, StreamReset
 
-    class ClientProtocol(QuicConnectionProtocol):
+    class ClientProtocol(_frame_protocol()):
         """Matches each answer frame to the request waiting on its stream."""
 
         def __init__(self, *args, **kwargs):
@@ -1787,8 +1918,7 @@ def _client_protocol():
             stream_id = self._quic.get_next_available_stream_id()
             future = self._loop.create_future()
             self.waiting[stream_id] = (FrameReader(MAX_PAYLOAD_BYTES), future)
-            self._quic.send_stream_data(stream_id, frame, end_stream=True)
-            self.transmit()
+            self.send_frame(stream_id, frame)
             return future
 
     return ClientProtocol
@@ -2423,6 +2553,8 @@ def build_cli():
         wake_interval_ms: int = typer.Option(None, help="[env RUNTARA_WAKE_INTERVAL_MS; default 1000]"),
         max_message_bytes: int = typer.Option(None, help="[env RUNTARA_MAX_MESSAGE_BYTES; default 67108864]"),
         sqlite_synchronous: str = typer.Option(None, help="FULL or NORMAL [env RUNTARA_SQLITE_SYNCHRONOUS]"),
+        event_loop: str = typer.Option(None, "--loop", help="auto (uvloop if installed), uvloop or asyncio"
+                                                            " [env RUNTARA_EVENT_LOOP]"),
         log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR"),
     ):
         """Run the QUIC server until SIGINT or SIGTERM. RUNTARA_SECRET (environment only) turns on authentication."""
@@ -2437,8 +2569,9 @@ def build_cli():
                                          heartbeat_timeout_ms=heartbeat_timeout_ms, launch_command=launch,
                                          launch_timeout_ms=launch_timeout_ms, launch_max_attempts=launch_max_attempts,
                                          wake_interval_ms=wake_interval_ms, max_message_bytes=max_message_bytes,
-                                         sqlite_synchronous=sqlite_synchronous and sqlite_synchronous.upper())
-            asyncio.run(Server(settings).run())
+                                         sqlite_synchronous=sqlite_synchronous and sqlite_synchronous.upper(),
+                                         event_loop=event_loop and event_loop.lower())
+            run_server(settings)
         except (ValueError, OSError, RuntaraError) as exc:
             raise fail(str(exc))
 

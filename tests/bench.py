@@ -8,7 +8,8 @@ Each scenario runs the same workflow: N instances, each registering, saving K ch
 one after another, and completing. Servers run as their own processes, so their CPU time is theirs.
 
 1. ceiling   a bare aioquic echo server, driven by the SDK's own QUIC client code, same frames
-2. quic      `runtara serve` on SQLite FULL, SQLite NORMAL and PostgreSQL
+2. quic      `runtara serve` on SQLite FULL, SQLite NORMAL and PostgreSQL, on uvloop when installed; SQLite FULL
+             also on asyncio's own event loop
 3. embedded  the same workflow in-process through the embedded backend (SQLite FULL)
 4. dbos      DBOS steps of the same payload, SQLite system database in WAL mode, its own process
 
@@ -158,9 +159,9 @@ async def echo_workload(port: int, connections: int, round_trips: int, size: int
 
 
 def summarize(name: str, database: str, instances: int, result: dict, cpu: float | None = None,
-              commits: int | None = None) -> dict:
+              commits: int | None = None, loop: str = "asyncio") -> dict:
     operations, seconds = result["operations"], result["seconds"]
-    return {"scenario": name, "database": database, "instances": instances,
+    return {"scenario": name, "database": database, "loop": loop, "instances": instances,
             "per_second": operations / seconds,
             "p50_ms": percentile(result["latencies"], 0.50) * 1000,
             "p99_ms": percentile(result["latencies"], 0.99) * 1000,
@@ -181,9 +182,9 @@ def run_ceiling(folder: str, instances: int, checkpoints: int, size: int) -> dic
         server.stop()
 
 
-def run_quic(label: str, database_url: str, folder: str, instances: int, checkpoints: int, size: int,
+def run_quic(label: str, database_url: str, folder: str, instances: int, checkpoints: int, size: int, loop: str,
              *options: str) -> dict:
-    server = ServerProcess.runtara(database_url, folder, *options)
+    server = ServerProcess.runtara(database_url, folder, "--loop", loop, *options)
     try:
         cpu = server.cpu()
         result = asyncio.run(workload(lambda: rc.QuicTransport("127.0.0.1", server.port), instances, checkpoints,
@@ -196,7 +197,7 @@ def run_quic(label: str, database_url: str, folder: str, instances: int, checkpo
     # Commits during the timed part, estimated from the server's totals (registrations and completions are
     # two more writes per instance).
     commits = commits * result["operations"] / max(writes, 1)
-    return summarize("runtara over QUIC", label, instances, result, cpu, commits)
+    return summarize("runtara over QUIC", label, instances, result, cpu, commits, loop)
 
 
 def run_embedded(folder: str, instances: int, checkpoints: int, size: int) -> dict:
@@ -262,7 +263,7 @@ def run_dbos(folder: str, instances: int, checkpoints: int, size: int) -> dict |
     if done.returncode != 0:
         raise RuntimeError(done.stderr)
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return summarize("DBOS steps", "sqlite WAL", instances, result)
+    return summarize("DBOS steps", "sqlite WAL", instances, result, loop="-")
 
 
 def run_connected(folder: str, count: int) -> dict:
@@ -390,10 +391,10 @@ def report(rows: list[dict], extras: dict) -> None:
     def fmt(value, digits=0):
         return "-" if value is None else f"{value:,.{digits}f}"
 
-    table = Table("scenario", "database", "N", "per s", "p50 ms", "p99 ms", "server CPU µs/op", "commits/s",
+    table = Table("scenario", "database", "loop", "N", "per s", "p50 ms", "p99 ms", "server CPU µs/op", "commits/s",
                   "× ceiling", "× DBOS", title=f"runtara-core {rc.__version__} — {extras['machine']}")
     for row in rows:
-        table.add_row(row["scenario"], row["database"], str(row["instances"]), fmt(row["per_second"]),
+        table.add_row(row["scenario"], row["database"], row["loop"], str(row["instances"]), fmt(row["per_second"]),
                       fmt(row["p50_ms"], 2), fmt(row["p99_ms"], 2), fmt(row["server_cpu_us"]),
                       fmt(row["commits_per_second"]), fmt(row.get("vs_ceiling"), 2), fmt(row.get("vs_dbos"), 1))
     console = Console(width=160)
@@ -415,6 +416,8 @@ def main() -> None:
     parser.add_argument("--soak", type=int, default=0, help="seconds of soak instead of the table")
     args = parser.parse_args()
     counts = [int(n) for n in args.instances.split(",")]
+    import importlib.util
+    fast_loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"  # what `serve` picks by default
     import resource
     _, most = resource.getrlimit(resource.RLIMIT_NOFILE)  # a UDP socket per client connection
     resource.setrlimit(resource.RLIMIT_NOFILE, (most, most))
@@ -430,12 +433,14 @@ def main() -> None:
             ceiling = run_ceiling(folder, n, args.checkpoints, args.size)
             dbos = None if args.skip_dbos else run_dbos(folder, n, args.checkpoints, args.size)
             group = [ceiling]
-            for label, url, options in (
-                    ("sqlite FULL", f"sqlite:///{folder}/full-{n}.db", ("--sqlite-synchronous", "FULL")),
-                    ("sqlite NORMAL", f"sqlite:///{folder}/normal-{n}.db", ("--sqlite-synchronous", "NORMAL")),
-                    ("postgresql", postgres, ())):
-                if url:
-                    group.append(run_quic(label, url, folder, n, args.checkpoints, args.size, *options))
+            for label, url, loop, options in (
+                    ("sqlite FULL", f"sqlite:///{folder}/full-{n}.db", fast_loop, ("--sqlite-synchronous", "FULL")),
+                    ("sqlite FULL", f"sqlite:///{folder}/full-asyncio-{n}.db", "asyncio",
+                     ("--sqlite-synchronous", "FULL")),
+                    ("sqlite NORMAL", f"sqlite:///{folder}/normal-{n}.db", fast_loop, ("--sqlite-synchronous", "NORMAL")),
+                    ("postgresql", postgres, fast_loop, ())):
+                if url and (loop == fast_loop or fast_loop != "asyncio"):
+                    group.append(run_quic(label, url, folder, n, args.checkpoints, args.size, loop, *options))
             group.append(run_embedded(folder, n, args.checkpoints, args.size))
             if dbos:
                 group.append(dbos)

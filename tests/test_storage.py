@@ -21,6 +21,11 @@ def r(storage, fn, *args, **kwargs):
     return storage.read(fn, *args, **kwargs).result(timeout=30)
 
 
+def save(storage, instance_id, checkpoint_id, state, at):
+    """Save a checkpoint: None when saved, else the state saved first."""
+    return w(storage, Tx.save_checkpoint, instance_id, checkpoint_id, state, at)["first"]
+
+
 def running(storage, instance_id="i-1", tenant_id="t-1", at=T0):
     assert w(storage, Tx.create_instance, instance_id, tenant_id, at)
     assert w(storage, Tx.start_instance, instance_id, tenant_id, at)
@@ -176,7 +181,7 @@ def test_list_and_count_instances_with_filters(storage):
 
 def test_delete_instance_removes_everything_it_owns(storage):
     running(storage)
-    w(storage, Tx.save_checkpoint, "i-1", "c", b"s", T0)
+    save(storage, "i-1", "c", b"s", T0)
     w(storage, Tx.insert_event, "i-1", "custom", T0)
     w(storage, Tx.put_signal, "i-1", "pause", b"", T0)
     w(storage, Tx.put_custom_signal, "i-1", "c", b"p", T0)
@@ -206,21 +211,43 @@ def test_delete_finished_only_takes_old_terminal_instances(storage):
 
 def test_first_state_saved_wins_forever(storage):
     running(storage)
-    assert w(storage, Tx.save_checkpoint, "i-1", "c-1", b"first", T0) is None
-    assert w(storage, Tx.save_checkpoint, "i-1", "c-1", b"second", T0 + 1) == b"first"
+    assert save(storage, "i-1", "c-1", b"first", T0) is None
+    assert save(storage, "i-1", "c-1", b"second", T0 + 1) == b"first"
     assert r(storage, Tx.get_checkpoint, "i-1", "c-1") == b"first"
     assert r(storage, Tx.get_instance, "i-1")["checkpoint_id"] == "c-1"
-    assert w(storage, Tx.save_checkpoint, "i-1", "c-2", b"", T0 + 2) is None  # empty state is a state
-    assert w(storage, Tx.save_checkpoint, "i-1", "c-2", b"x", T0 + 3) == b""
+    assert save(storage, "i-1", "c-2", b"", T0 + 2) is None  # empty state is a state
+    assert save(storage, "i-1", "c-2", b"x", T0 + 3) == b""
     assert r(storage, Tx.get_instance, "i-1")["checkpoint_id"] == "c-2"
+
+
+def test_a_checkpoint_saves_only_while_the_instance_runs_and_answers_what_waits_for_it(storage):
+    assert w(storage, Tx.save_checkpoint, "nope", "c", b"s", T0) is None
+    w(storage, Tx.create_instance, "i-1", "t-1", T0)
+    assert w(storage, Tx.save_checkpoint, "i-1", "c", b"s", T0) is None  # pending, not running
+    assert r(storage, Tx.count_checkpoints, "i-1") == 0
+    w(storage, Tx.start_instance, "i-1", "t-1", T0)
+    assert w(storage, Tx.save_checkpoint, "i-1", "c-1", b"s", T0 + 5) == {
+        "first": None, "sleep_until_ms": None, "signal": None, "custom_waiting": False}
+    assert r(storage, Tx.get_instance, "i-1")["heartbeat_at_ms"] == T0 + 5
+    w(storage, Tx.put_signal, "i-1", "pause", b"why", T0 + 6)
+    w(storage, Tx.put_custom_signal, "i-1", "c-2", b"hello", T0 + 6)
+    w(storage, Tx.set_sleep, "i-1", T0 + 99)
+    assert w(storage, Tx.save_checkpoint, "i-1", "c-2", b"t", T0 + 7) == {
+        "first": None, "sleep_until_ms": T0 + 99, "custom_waiting": True,
+        "signal": {"signal_type": "pause", "payload": b"why", "created_at_ms": T0 + 6}}
+    assert w(storage, Tx.save_checkpoint, "i-1", "c-1", b"again", T0 + 8)["first"] == b"s"
+    assert r(storage, Tx.get_instance, "i-1")["checkpoint_id"] == "c-2"  # a replayed id does not become the latest
+    w(storage, Tx.transition, "i-1", "suspended", ("running",), T0 + 9)
+    assert w(storage, Tx.save_checkpoint, "i-1", "c-3", b"u", T0 + 10) is None
+    assert r(storage, Tx.count_checkpoints, "i-1") == 2
 
 
 def test_checkpoints_are_per_instance(storage):
     running(storage, "i-1")
     running(storage, "i-2")
-    w(storage, Tx.save_checkpoint, "i-1", "c", b"one", T0)
+    save(storage, "i-1", "c", b"one", T0)
     assert r(storage, Tx.get_checkpoint, "i-2", "c") is None
-    assert w(storage, Tx.save_checkpoint, "i-2", "c", b"two", T0) is None
+    assert save(storage, "i-2", "c", b"two", T0) is None
     assert r(storage, Tx.get_checkpoint, "i-1", "c") == b"one"
 
 
@@ -228,16 +255,16 @@ def test_checkpoints_are_per_instance(storage):
                          ids=["1MiB-pattern", "invalid-utf8", "1MiB-random"])
 def test_states_round_trip_byte_for_byte(storage, state):
     running(storage)
-    w(storage, Tx.save_checkpoint, "i-1", "c", state, T0)
+    save(storage, "i-1", "c", state, T0)
     assert r(storage, Tx.get_checkpoint, "i-1", "c") == state
-    assert w(storage, Tx.save_checkpoint, "i-1", "c", b"other", T0) == state
+    assert save(storage, "i-1", "c", b"other", T0) == state
     assert r(storage, Tx.list_checkpoints, "i-1") == [{"checkpoint_id": "c", "created_at_ms": T0, "size": len(state)}]
 
 
 def test_list_and_count_checkpoints_newest_first(storage):
     running(storage)
     for n in range(5):
-        w(storage, Tx.save_checkpoint, "i-1", f"c-{n}", b"x" * n, T0 + n)
+        save(storage, "i-1", f"c-{n}", b"x" * n, T0 + n)
     assert [c["checkpoint_id"] for c in r(storage, Tx.list_checkpoints, "i-1", limit=2, offset=1)] == ["c-3", "c-2"]
     assert r(storage, Tx.count_checkpoints, "i-1") == 5
     assert r(storage, Tx.count_checkpoints) == 5
@@ -248,7 +275,7 @@ def test_100_concurrent_saves_of_one_checkpoint_keep_exactly_one_state(storage):
     running(storage)
     states = [f"state-{n}".encode() for n in range(100)]
     futures = [storage.write(Tx.save_checkpoint, "i-1", "contested", state, T0) for state in states]
-    answers = [future.result(timeout=60) for future in futures]
+    answers = [future.result(timeout=60)["first"] for future in futures]
     winners = [state for state, answer in zip(states, answers) if answer is None]
     assert len(winners) == 1
     assert all(answer in (None, winners[0]) for answer in answers)
@@ -262,7 +289,8 @@ def test_100_concurrent_saves_from_many_threads(storage):
 
     def save(n):
         barrier.wait()
-        return storage.write(Tx.save_checkpoint, "i-1", "contested", f"s-{n}".encode(), T0).result(timeout=60)
+        answer = storage.write(Tx.save_checkpoint, "i-1", "contested", f"s-{n}".encode(), T0).result(timeout=60)
+        return answer["first"]
 
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
         answers = list(pool.map(save, range(100)))
