@@ -163,6 +163,18 @@ def test_clear_errors(filled, tmp_path):
     assert "bad duration" in cli("gc", "--older-than", "soon", "--database-url", filled, code=1).stderr
     assert "cannot reach PostgreSQL" in cli("stats", "--database-url", "postgresql://x@127.0.0.1:1/db",
                                             code=1).stderr
+    assert "must be auto, uvloop or asyncio" in cli("serve", "--loop", "fastest", "--database-url", filled,
+                                                    code=1).stderr
+
+
+def test_the_event_loop_setting():
+    import uvloop
+
+    assert rc.uvloop_for(rc.Settings.from_env(env={})) is uvloop  # "auto", and the test extra installs it
+    assert rc.uvloop_for(rc.Settings.from_env(env={"RUNTARA_EVENT_LOOP": "UVLOOP"})) is uvloop
+    assert rc.uvloop_for(rc.Settings.from_env(env={"RUNTARA_EVENT_LOOP": "asyncio"})) is None
+    with pytest.raises(ValueError, match="RUNTARA_EVENT_LOOP"):
+        rc.Settings.from_env(env={"RUNTARA_EVENT_LOOP": "trio"})
 
 
 def test_json_output_is_only_json_in_a_real_process(filled):
