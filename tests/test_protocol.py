@@ -1,6 +1,7 @@
 """PROTOCOL.md sections 3 and 4 over real QUIC on loopback, on SQLite and PostgreSQL."""
 
 import asyncio
+import contextlib
 import time
 
 import msgpack
@@ -603,15 +604,25 @@ class Relay(asyncio.DatagramProtocol):
         self.upstream.close()
 
 
+@contextlib.asynccontextmanager
+async def registered_through_relay(server):
+    """A registered instance whose datagrams go through a counting Relay: (relay, instance)."""
+    relay = Relay(server.address[1])
+    worker = rc.Instance("i-1", "t-1", server_addr=f"127.0.0.1:{await relay.start()}", heartbeat_interval_ms=0,
+                         env={})
+    try:
+        await worker.register()
+        yield relay, worker
+    finally:
+        await worker.close()
+        relay.close()
+
+
 def test_a_request_and_its_answer_carry_the_acks_each_end_owes(server):
     """aioquic alone sends an ACK in a datagram of its own after most packets; here the next request carries
     the client's and the answer carries the server's, so a checkpoint costs one datagram each way."""
     async def scenario():
-        relay = Relay(server.address[1])
-        worker = rc.Instance("i-1", "t-1", server_addr=f"127.0.0.1:{await relay.start()}", heartbeat_interval_ms=0,
-                             env={})
-        try:
-            await worker.register()
+        async with registered_through_relay(server) as (relay, worker):
             since, n = time.monotonic(), 100
             for k in range(n):  # back to back: the client owes an ACK for each answer when it sends the next
                 await worker.checkpoint(f"fast-{k}", b"x" * 1024)
@@ -621,9 +632,6 @@ def test_a_request_and_its_answer_carry_the_acks_each_end_owes(server):
                 await worker.checkpoint(f"slow-{k}", b"x" * 1024)
                 await asyncio.sleep(0.02)
             assert relay.count("to_client", since) <= n * 1.25 + 5, relay.count("to_client", since)
-        finally:
-            await worker.close()
-            relay.close()
     run(scenario())
 
 
@@ -631,11 +639,7 @@ def test_a_slow_answer_does_not_hold_back_the_ack_of_its_request(server):
     """The server skips the empty transmit after a datagram that brought requests, expecting the answer soon; a
     request answered 400 ms later is still acknowledged at once, so the client never resends it."""
     async def scenario():
-        relay = Relay(server.address[1])
-        worker = rc.Instance("i-1", "t-1", server_addr=f"127.0.0.1:{await relay.start()}", heartbeat_interval_ms=0,
-                             env={})
-        try:
-            await worker.register()
+        async with registered_through_relay(server) as (relay, worker):
             await worker.checkpoint("warm", b"")
             await asyncio.sleep(0.05)  # the client acknowledges the answer: the server has no timer left to run
             since = time.monotonic()
@@ -644,9 +648,6 @@ def test_a_slow_answer_does_not_hold_back_the_ack_of_its_request(server):
             acks = [t - since for t in relay.sent["to_client"] if since <= t < answered]
             assert acks and acks[0] < 0.1, acks  # acknowledged long before the answer
             assert sum(since <= t < answered for t in relay.sent["to_server"]) == 1  # so the client resent nothing
-        finally:
-            await worker.close()
-            relay.close()
     run(scenario())
 
 
