@@ -58,6 +58,23 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+async def within(awaitable, seconds: float):
+    """Await with a deadline, raising asyncio.TimeoutError past it. Unlike asyncio.wait_for on Python 3.10
+    and 3.11, a cancellation that arrives just as the awaited work finishes is never swallowed, and a timed-out
+    task gets at most a second to finish its cancellation: the caller never waits past the bound for good."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+        raise asyncio.TimeoutError
+    return task.result()
+
+
 def _env_int(env, name: str, default: int) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
@@ -87,9 +104,11 @@ class Settings:
     sleep_inline_max_ms: int = 60_000
     heartbeat_timeout_ms: int = 120_000
     wake_interval_ms: int = 1_000
-    launch_command: str | None = None
+    launch_command: str | None = None  # for any workflow without a command of its own
+    workflow_commands: dict[str, str] = dataclasses.field(default_factory=dict)  # workflow name -> command
     launch_timeout_ms: int = 30_000
     launch_max_attempts: int = 5
+    max_restarts: int = 5
     sqlite_synchronous: str = "FULL"
     event_loop: str = "auto"  # what `serve` runs on: uvloop when installed ("auto"), or "uvloop", "asyncio"
 
@@ -111,6 +130,7 @@ class Settings:
             launch_command=env.get("RUNTARA_LAUNCH_COMMAND") or None,
             launch_timeout_ms=_env_int(env, "RUNTARA_LAUNCH_TIMEOUT_MS", 30_000),
             launch_max_attempts=_env_int(env, "RUNTARA_LAUNCH_MAX_ATTEMPTS", 5),
+            max_restarts=_env_int(env, "RUNTARA_MAX_RESTARTS", 5),
             sqlite_synchronous=(env.get("RUNTARA_SQLITE_SYNCHRONOUS") or "FULL").upper(),
             event_loop=(env.get("RUNTARA_EVENT_LOOP") or "auto").lower(),
         )
@@ -127,15 +147,44 @@ class Settings:
             raise ValueError("RUNTARA_EVENT_LOOP must be auto, uvloop or asyncio")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"RUNTARA_QUIC_PORT must be a UDP port number, not {self.port}")
-        if self.launch_command is not None and not shlex.split(self.launch_command):
-            raise ValueError("the launch command is empty")
+        for workflow, command in ((None, self.launch_command), *self.workflow_commands.items()):
+            if command is not None and not shlex.split(command):
+                raise ValueError(f"the launch command{f' for {workflow}' if workflow else ''} is empty")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("RUNTARA_TLS_CERT and RUNTARA_TLS_KEY must be set together")
+
+    def command_for(self, workflow: str) -> str | None:
+        return self.workflow_commands.get(workflow, self.launch_command)
+
+    @property
+    def launched_workflows(self) -> tuple[str, ...] | None:
+        """The workflows the server launches: None for all of them (a default command), else their names."""
+        return None if self.launch_command else tuple(self.workflow_commands)
+
+
+WORKFLOW_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def parse_launch(values) -> tuple[str | None, dict[str, str]]:
+    """`--launch` values: 'NAME=CMD' gives workflow NAME its command, anything else is the default command.
+    NAME is letters, digits and _.- only, so a command like `run.py --flag=1` stays a command."""
+    default, commands = None, {}
+    for value in values:
+        name, equals, command = value.partition("=")
+        if equals and WORKFLOW_NAME.fullmatch(name):
+            commands[name] = command
+        else:
+            default = value
+    return default, commands
 
 
 # =============================================================================================
 # 2. Errors
 # =============================================================================================
+
+
+class Interrupted(Exception):
+    """Raised inside a workflow when it must stop now; `async with Instance(...)` absorbs it."""
 
 
 class RuntaraError(Exception):
@@ -176,6 +225,12 @@ class Overloaded(RuntaraError):
     code = "OVERLOADED"
 
 
+class Superseded(RuntaraError, Interrupted):
+    """The request named a run that is no longer the instance's newest: another process took it over."""
+
+    code = "SUPERSEDED"
+
+
 class StorageError(RuntaraError):
     """The database could not be opened, migrated or reached."""
 
@@ -187,7 +242,7 @@ class ConnectionLost(RuntaraError):
 ERRORS_BY_CODE = {
     cls.code: cls
     for cls in (InvalidRequest, FrameTooLarge, Unauthorized, InstanceNotFound, CheckpointNotFound,
-                TenantMismatch, InvalidState, Overloaded, RuntaraError)
+                TenantMismatch, InvalidState, Overloaded, Superseded, RuntaraError)
 }
 
 
@@ -311,6 +366,14 @@ def check_duration(value, field):
     return value
 
 
+MAX_WAIT_MS = 3_600_000  # an hour: a client that waits longer asks again
+
+
+def check_wait(value, field):
+    _check(type(value) is int and 0 <= value <= MAX_WAIT_MS, field, f"a number of milliseconds from 0 to {MAX_WAIT_MS}")
+    return value
+
+
 def check_bool(value, field):
     _check(isinstance(value, bool), field, "true or false")
     return value
@@ -339,35 +402,40 @@ def check_events(value, field):
 
 REQUIRED, OPTIONAL = True, False
 _instance = {"instance_id": (check_id, REQUIRED)}
+_run = {"run": (check_uint, OPTIONAL)}  # the sender's run: a request of an older one is SUPERSEDED
 _paging = {"limit": (check_limit, OPTIONAL), "offset": (check_uint, OPTIONAL)}
 
 OPERATIONS: dict[str, dict[str, tuple[Callable, bool]]] = {
     # Section 3.1: workflow instances.
-    "register_instance": {**_instance, "tenant_id": (check_id, REQUIRED), "checkpoint_id": (check_id, OPTIONAL)},
-    "checkpoint": {**_instance, "checkpoint_id": (check_id, REQUIRED), "state": (check_bin, REQUIRED)},
+    "register_instance": {**_instance, "tenant_id": (check_id, REQUIRED), "checkpoint_id": (check_id, OPTIONAL),
+                          **_run},
+    "checkpoint": {**_instance, "checkpoint_id": (check_id, REQUIRED), "state": (check_bin, REQUIRED), **_run},
     "get_checkpoint": {**_instance, "checkpoint_id": (check_id, REQUIRED)},
     "sleep": {**_instance, "checkpoint_id": (check_id, REQUIRED), "state": (check_bin, REQUIRED),
-              "duration_ms": (check_duration, REQUIRED)},
+              "duration_ms": (check_duration, REQUIRED), **_run},
     "instance_event": {**_instance, "event_type": (one_of(EVENT_TYPES), REQUIRED), "payload": (check_bin, OPTIONAL),
                        "subtype": (check_text, OPTIONAL), "checkpoint_id": (check_id, OPTIONAL),
-                       "timestamp_ms": (check_uint, OPTIONAL)},
+                       "timestamp_ms": (check_uint, OPTIONAL), **_run},
     "instance_event_batch": {"events": (check_events, REQUIRED)},
     "get_instance_status": {**_instance},
-    "poll_signals": {**_instance, "checkpoint_id": (check_id, OPTIONAL)},
+    "poll_signals": {**_instance, "checkpoint_id": (check_id, OPTIONAL), **_run},
     "signal_ack": {**_instance, "signal_type": (one_of(SIGNAL_TYPES), REQUIRED),
-                   "acknowledged": (check_bool, REQUIRED)},
+                   "acknowledged": (check_bool, REQUIRED), **_run},
     "retry_attempt": {**_instance, "checkpoint_id": (check_id, REQUIRED), "attempt_number": (check_uint, REQUIRED),
-                      "error_message": (check_text, OPTIONAL), "timestamp_ms": (check_uint, OPTIONAL)},
+                      "error_message": (check_text, OPTIONAL), "timestamp_ms": (check_uint, OPTIONAL), **_run},
     # Section 3.2: operators.
     "health_check": {},
+    "start_instance": {**_instance, "tenant_id": (check_id, REQUIRED), "workflow": (check_id, OPTIONAL),
+                       "input": (check_bin, OPTIONAL)},
+    "wait_instance": {**_instance, "timeout_ms": (check_wait, REQUIRED)},
     "send_signal": {**_instance, "signal_type": (one_of(SIGNAL_TYPES), REQUIRED), "payload": (check_bin, OPTIONAL)},
     "send_custom_signal": {**_instance, "checkpoint_id": (check_id, REQUIRED), "payload": (check_bin, OPTIONAL)},
     "list_instances": {"tenant_id": (check_id, OPTIONAL), "status": (one_of(STATUSES), OPTIONAL), **_paging},
     "list_checkpoints": {**_instance, **_paging},
     "list_events": {**_instance, "event_type": (check_text, OPTIONAL), "subtype": (check_text, OPTIONAL), **_paging},
 }
-OPERATOR_OPERATIONS = frozenset(("health_check", "send_signal", "send_custom_signal", "list_instances",
-                                 "list_checkpoints", "list_events"))
+OPERATOR_OPERATIONS = frozenset(("health_check", "start_instance", "wait_instance", "send_signal",
+                                 "send_custom_signal", "list_instances", "list_checkpoints", "list_events"))
 
 
 def parse_fields(spec: dict, message: dict) -> dict:
@@ -418,6 +486,7 @@ class Dialect:
     lock_row: str          # appended to a SELECT that must hold the row until commit
     skip_locked: str       # appended to a SELECT that claims rows other servers may be claiming
     migration_lock: str    # run first in every migration transaction
+    capacity_lock: str     # run before counting busy slots, so two servers never both take the last one
     database_size: str
 
     @functools.lru_cache(maxsize=None)
@@ -425,18 +494,23 @@ class Dialect:
         return statement if self.placeholder == "?" else statement.replace("?", self.placeholder)
 
 
-SQLITE = Dialect("sqlite", "?", "", "", "SELECT 1",
+SQLITE = Dialect("sqlite", "?", "", "", "SELECT 1", "SELECT 1",  # SQLite's writers are serial already
                  "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()")
 POSTGRESQL = Dialect("postgresql", "%s", " FOR UPDATE", " FOR UPDATE SKIP LOCKED",
                      "SELECT pg_advisory_xact_lock(7361746172)",  # one migrator at a time per database
+                     "SELECT pg_advisory_xact_lock(7361746173)",
                      "SELECT pg_database_size(current_database())")
 
 INSTANCE_COLUMNS = ("instance_id", "tenant_id", "status", "checkpoint_id", "created_at_ms", "started_at_ms",
-                    "finished_at_ms", "heartbeat_at_ms", "sleep_until_ms", "output", "error")
+                    "finished_at_ms", "heartbeat_at_ms", "sleep_until_ms", "output", "error", "run", "workflow")
 _INSTANCE_SELECT = "SELECT " + ", ".join(INSTANCE_COLUMNS) + " FROM instances"
+# What the lifecycle rules look at besides the status map.
+RUN_COLUMNS = INSTANCE_COLUMNS + ("restarts", "orphaned_at_ms", "launch_lease_until_ms", "launch_after_ms",
+                                  "launch_attempts")
 SIGNAL_COLUMNS = ("signal_type", "payload", "created_at_ms")
-WAKE_COLUMNS = ("instance_id", "tenant_id", "checkpoint_id", "sleep_until_ms", "launch_lease_until_ms",
-                "launch_attempts")
+CLAIM_COLUMNS = ("instance_id", "tenant_id", "workflow", "checkpoint_id", "run", "launch_attempts")
+QUEUE_COLUMNS = ("instance_id", "tenant_id", "workflow", "status", "checkpoint_id", "sleep_until_ms",
+                 "orphaned_at_ms", "launch_lease_until_ms", "launch_after_ms", "launch_attempts")
 
 
 def _filters(**conditions) -> tuple[str, tuple]:
@@ -479,61 +553,82 @@ class Tx:
 
     # -- instances --------------------------------------------------------------------------
 
-    def create_instance(self, instance_id: str, tenant_id: str, now: int) -> bool:
+    def create_instance(self, instance_id: str, tenant_id: str, now: int, workflow: str = "default",
+                        input: bytes | None = None) -> bool:
         """Create a pending instance unless it exists; True when it was created."""
-        return bool(self.rows("INSERT INTO instances (instance_id, tenant_id, status, created_at_ms)"
-                              " VALUES (?, ?, 'pending', ?) ON CONFLICT (instance_id) DO NOTHING"
-                              " RETURNING 1", instance_id, tenant_id, now))
+        return bool(self.rows("INSERT INTO instances (instance_id, tenant_id, status, created_at_ms, workflow, input)"
+                              " VALUES (?, ?, 'pending', ?, ?, ?) ON CONFLICT (instance_id) DO NOTHING"
+                              " RETURNING 1", instance_id, tenant_id, now, workflow, input))
 
     def get_instance(self, instance_id: str, lock: bool = False) -> dict | None:
         row = self.row(_INSTANCE_SELECT + " WHERE instance_id = ?" + (self.dialect.lock_row if lock else ""),
                        instance_id)
         return dict(zip(INSTANCE_COLUMNS, row)) if row else None
 
-    def start_instance(self, instance_id: str, tenant_id: str, now: int) -> bool:
-        """pending/running/suspended -> running, stamping the first start and ending any launch lease;
-        True when it moved."""
-        return bool(self.rows("UPDATE instances SET status = 'running', started_at_ms = COALESCE(started_at_ms, ?),"
-                              " heartbeat_at_ms = ?, launch_lease_until_ms = NULL, launch_attempts = 0"
-                              " WHERE instance_id = ? AND tenant_id = ?"
-                              " AND status IN ('pending', 'running', 'suspended') RETURNING 1",
-                              now, now, instance_id, tenant_id))
+    def get_run(self, instance_id: str) -> dict | None:
+        """The instance with what the lifecycle rules need, its row locked until commit."""
+        row = self.row("SELECT " + ", ".join(RUN_COLUMNS) + " FROM instances WHERE instance_id = ?"
+                       + self.dialect.lock_row, instance_id)
+        return dict(zip(RUN_COLUMNS, row)) if row else None
+
+    def get_input(self, instance_id: str) -> bytes | None:
+        return self.value("SELECT input FROM instances WHERE instance_id = ?", instance_id)
+
+    def begin_run(self, instance_id: str, now: int, sleep_until: int | None) -> int:
+        """Make the instance running under a new run, ending any launch lease or orphaned mark; the new run."""
+        return self.value("UPDATE instances SET status = 'running', started_at_ms = COALESCE(started_at_ms, ?),"
+                          " heartbeat_at_ms = ?, run = run + 1, sleep_until_ms = ?, launch_lease_until_ms = NULL,"
+                          " launch_after_ms = NULL, launch_attempts = 0, orphaned_at_ms = NULL"
+                          " WHERE instance_id = ? RETURNING run", now, now, sleep_until, instance_id)
 
     def transition(self, instance_id: str, to_status: str, from_statuses: tuple, now: int,
-                   output: bytes | None = None, error: str | None = None) -> bool:
-        """Move the instance to `to_status` if it is in one of `from_statuses`; terminal ones finish it."""
+                   output: bytes | None = None, error: str | None = None, run: int | None = None) -> bool:
+        """Move the instance to `to_status` if it is in one of `from_statuses` (and `run` is its current run,
+        when given); terminal ones finish it. True when it moved."""
         finished = now if to_status in TERMINAL else None
         marks = ", ".join("?" * len(from_statuses))
         return bool(self.rows(f"UPDATE instances SET status = ?, finished_at_ms = COALESCE(?, finished_at_ms),"
-                              f" output = COALESCE(?, output), error = COALESCE(?, error), heartbeat_at_ms = ?"
-                              f" WHERE instance_id = ? AND status IN ({marks})"
+                              f" output = COALESCE(?, output), error = COALESCE(?, error), heartbeat_at_ms = ?,"
+                              f" orphaned_at_ms = NULL, launch_lease_until_ms = NULL"
+                              f" WHERE instance_id = ? AND status IN ({marks}) AND run = COALESCE(?, run)"
                               f" AND status NOT IN ('completed', 'failed', 'cancelled') RETURNING 1",  # final
-                              to_status, finished, output, error, now, instance_id, *from_statuses))
+                              to_status, finished, output, error, now, instance_id, *from_statuses, run))
+
+    def lock_capacity(self) -> None:
+        self.rows(self.dialect.capacity_lock)
+
+    def count_busy(self, now: int) -> int:
+        """Instances that hold a slot: running ones, and those a launch is under way for."""
+        return self.value("SELECT count(*) FROM instances WHERE status = 'running'"
+                          " OR (status IN ('pending', 'suspended') AND launch_lease_until_ms > ?)", now)
 
     def count_running(self) -> int:
         return self.value("SELECT count(*) FROM instances WHERE status = 'running'")
 
-    def touch_heartbeat(self, instance_id: str, now: int) -> bool:
-        """Stamp a sign of life; True when the instance exists."""
-        return bool(self.rows("UPDATE instances SET heartbeat_at_ms = ? WHERE instance_id = ? RETURNING 1",
-                              now, instance_id))
+    def touch_heartbeat(self, instance_id: str, now: int, run: int | None = None) -> bool:
+        """Stamp a sign of life on an unfinished instance (of `run`, when given); True when it was."""
+        return bool(self.rows("UPDATE instances SET heartbeat_at_ms = ? WHERE instance_id = ? AND run = COALESCE(?, run)"
+                              " AND status IN ('pending', 'running', 'suspended') RETURNING 1",
+                              now, instance_id, run))
 
     def oldest_running(self) -> dict | None:
         row = self.row("SELECT instance_id, started_at_ms FROM instances WHERE status = 'running'"
                        " ORDER BY started_at_ms LIMIT 1")
         return row and {"instance_id": row[0], "started_at_ms": row[1]}
 
-    def fail_stale(self, cutoff: int, now: int) -> list[tuple[str, int]]:
-        """Fail running instances silent since before `cutoff`: [(instance_id, last sign of life)]."""
-        stale = self.rows("UPDATE instances SET status = 'failed', finished_at_ms = ?"
-                          " WHERE status = 'running' AND COALESCE(heartbeat_at_ms, started_at_ms, created_at_ms) < ?"
-                          " RETURNING instance_id, COALESCE(heartbeat_at_ms, started_at_ms, created_at_ms)",
-                          now, cutoff)
-        for instance_id, since in stale:
-            when = datetime.datetime.fromtimestamp(since / 1000, datetime.timezone.utc).isoformat(timespec="seconds")
-            self.rows("UPDATE instances SET error = ? WHERE instance_id = ?",
-                      f"stale: no heartbeat, checkpoint or event since {when}", instance_id)
-        return stale
+    def silent_runs(self, cutoff: int, limit: int = 100) -> list[tuple[str, int]]:
+        """Running instances not known to be orphaned and silent since before `cutoff`, locked (other servers
+        skip them): [(instance_id, last sign of life)]."""
+        return self.rows("SELECT instance_id, COALESCE(heartbeat_at_ms, started_at_ms, created_at_ms) FROM instances"
+                         " WHERE status = 'running' AND orphaned_at_ms IS NULL"
+                         " AND COALESCE(heartbeat_at_ms, started_at_ms, created_at_ms) < ? ORDER BY instance_id"
+                         " LIMIT ?" + self.dialect.skip_locked, cutoff, limit)
+
+    def orphan(self, instance_id: str, now: int, launch_after: int) -> int:
+        """Mark the current run dead, to be launched again after `launch_after`; the restarts in a row now."""
+        return self.value("UPDATE instances SET orphaned_at_ms = ?, launch_after_ms = ?, launch_lease_until_ms = NULL,"
+                          " restarts = restarts + 1 WHERE instance_id = ? RETURNING restarts",
+                          now, launch_after, instance_id)
 
     def list_instances(self, tenant_id=None, status=None, since=None, limit=100, offset=0) -> list[dict]:
         where, args = _filters(tenant_id=tenant_id, status=status, created_at_ms__since=since)
@@ -572,26 +667,31 @@ class Tx:
     # heartbeat, makes a new checkpoint id the latest and reads all the answer needs. The INSERT follows.
     _SAVE = ("UPDATE instances SET heartbeat_at_ms = ?, checkpoint_id = CASE WHEN EXISTS (SELECT 1 FROM checkpoints c"
              " WHERE c.instance_id = instances.instance_id AND c.checkpoint_id = ?) THEN checkpoint_id ELSE ? END"
-             " WHERE instance_id = ? AND status = 'running' RETURNING sleep_until_ms,"
+             " WHERE instance_id = ? AND status = 'running' AND run = COALESCE(?, run) RETURNING sleep_until_ms, restarts,"
              " (SELECT state FROM checkpoints c WHERE c.instance_id = instances.instance_id AND c.checkpoint_id = ?),"
              + ", ".join(f"(SELECT {column} FROM signals s WHERE s.instance_id = instances.instance_id)"
                          for column in SIGNAL_COLUMNS) +
              ", EXISTS (SELECT 1 FROM custom_signals u WHERE u.instance_id = instances.instance_id"
              " AND u.checkpoint_id = ?)")
 
-    def save_checkpoint(self, instance_id: str, checkpoint_id: str, state: bytes, now: int) -> dict | None:
+    def save_checkpoint(self, instance_id: str, checkpoint_id: str, state: bytes, now: int,
+                        run: int | None = None) -> dict | None:
         """Save a running instance's `state` unless this checkpoint id has one (the first state stays, forever),
-        and stamp its heartbeat. None when the instance is not running; else {"first": the state already saved
-        or None, "sleep_until_ms", "signal": the pending signal or None, "custom_waiting": bool}."""
-        row = self.row(self._SAVE, now, checkpoint_id, checkpoint_id, instance_id, checkpoint_id, checkpoint_id)
+        and stamp its heartbeat. None when the instance is not running (under `run`, when given); else
+        {"first": the state already saved or None, "sleep_until_ms", "signal": the pending signal or None,
+        "custom_waiting": bool}. A new checkpoint is progress: it ends a run of restarts."""
+        row = self.row(self._SAVE, now, checkpoint_id, checkpoint_id, instance_id, run, checkpoint_id, checkpoint_id)
         if row is None:
             return None
-        sleep_until, first, signal_type, *signal, custom_waiting = row
-        if first is None and not self.rows(
-                "INSERT INTO checkpoints (instance_id, checkpoint_id, state, created_at_ms) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (instance_id, checkpoint_id) DO NOTHING RETURNING 1",
-                instance_id, checkpoint_id, state, now):
-            first = self.get_checkpoint(instance_id, checkpoint_id)  # a concurrent transaction saved it first
+        sleep_until, restarts, first, signal_type, *signal, custom_waiting = row
+        if first is None:
+            if self.rows("INSERT INTO checkpoints (instance_id, checkpoint_id, state, created_at_ms)"
+                         " VALUES (?, ?, ?, ?) ON CONFLICT (instance_id, checkpoint_id) DO NOTHING RETURNING 1",
+                         instance_id, checkpoint_id, state, now):
+                if restarts:
+                    self.rows("UPDATE instances SET restarts = 0 WHERE instance_id = ?", instance_id)
+            else:
+                first = self.get_checkpoint(instance_id, checkpoint_id)  # a concurrent transaction saved it first
         return {"first": first, "sleep_until_ms": sleep_until, "custom_waiting": bool(custom_waiting),
                 "signal": dict(zip(SIGNAL_COLUMNS, (signal_type, *signal))) if signal_type else None}
 
@@ -639,6 +739,9 @@ class Tx:
         row = self.row("SELECT " + ", ".join(SIGNAL_COLUMNS) + " FROM signals WHERE instance_id = ?", instance_id)
         return dict(zip(SIGNAL_COLUMNS, row)) if row else None
 
+    def delete_signal(self, instance_id: str) -> None:
+        self.rows("DELETE FROM signals WHERE instance_id = ?", instance_id)
+
     def ack_signal(self, instance_id: str, signal_type: str) -> bool:
         """Clear the pending signal if it is of `signal_type`; True when it was."""
         return bool(self.rows("DELETE FROM signals WHERE instance_id = ? AND signal_type = ? RETURNING 1",
@@ -662,34 +765,51 @@ class Tx:
     def clear_sleep(self, instance_id: str) -> None:
         self.rows("UPDATE instances SET sleep_until_ms = NULL WHERE instance_id = ?", instance_id)
 
-    _DUE = (" FROM instances WHERE status = 'suspended' AND (sleep_until_ms <= ? OR instance_id IN"
-            " (SELECT instance_id FROM signals WHERE signal_type = 'resume'))")
+    # What waits for a launch: orphaned runs (they hold their slot already), pending instances, and suspended ones
+    # that are due: a resume is pending, or their wake time has passed and no pause is pending. Ordered by when
+    # they became due, the same on both databases.
+    _ORPHANED = "status = 'running' AND orphaned_at_ms IS NOT NULL"
+    _DUE = ("(status = 'pending' OR status = 'suspended' AND (EXISTS (SELECT 1 FROM signals s WHERE"
+            " s.instance_id = instances.instance_id AND s.signal_type = 'resume') OR sleep_until_ms <= ? AND NOT EXISTS"
+            " (SELECT 1 FROM signals s WHERE s.instance_id = instances.instance_id AND s.signal_type = 'pause')))")
+    _DUE_ORDER = (" ORDER BY CASE WHEN status = 'pending' THEN created_at_ms WHEN status = 'running' THEN orphaned_at_ms"
+                  " ELSE COALESCE(sleep_until_ms, 0) END, instance_id")
 
-    def due_wakes(self, now: int, limit: int = 100) -> list[dict]:
-        """Suspended instances whose wake time has passed or that have a pending resume, with their leases."""
-        rows = self.rows("SELECT " + ", ".join(WAKE_COLUMNS) + self._DUE + " ORDER BY sleep_until_ms LIMIT ?",
-                         now, limit)
-        return [dict(zip(WAKE_COLUMNS, row)) for row in rows]
+    def launch_queue(self, now: int, limit: int = 100) -> list[dict]:
+        """Everything waiting for a launch, with its lease and backoff: what `runtara wakes` shows."""
+        rows = self.rows("SELECT " + ", ".join(QUEUE_COLUMNS) + " FROM instances WHERE (" + self._ORPHANED + " OR "
+                         + self._DUE + ")" + self._DUE_ORDER + " LIMIT ?", now, limit)
+        return [dict(zip(QUEUE_COLUMNS, row)) for row in rows]
 
-    def claim_wakes(self, now: int, lease_until: int, limit: int) -> list[dict]:
-        """Claim up to `limit` due instances whose launch lease has run out, leasing them until `lease_until`.
+    def claim(self, waiting: str, args: tuple, now: int, lease_until: int, workflows: tuple | None,
+              limit: int) -> list[dict]:
+        """Claim up to `limit` instances matching `waiting` (with `args`) whose backoff has passed and that no
+        unexpired launch lease holds, of `workflows` (None: any), leasing them until `lease_until`.
 
-        Atomic: servers sharing a database never claim the same instance while its lease lasts.
-        """
+        Atomic: servers sharing a database never claim the same instance while its lease lasts."""
+        if limit <= 0 or workflows == ():
+            return []
+        of_workflows = "" if workflows is None else f" AND workflow IN ({', '.join('?' * len(workflows))})"
         rows = self.rows("UPDATE instances SET launch_lease_until_ms = ?, launch_attempts = launch_attempts + 1"
-                         " WHERE instance_id IN (SELECT instance_id" + self._DUE
+                         " WHERE instance_id IN (SELECT instance_id FROM instances WHERE " + waiting
                          + " AND (launch_lease_until_ms IS NULL OR launch_lease_until_ms <= ?)"
-                         " ORDER BY sleep_until_ms LIMIT ?" + self.dialect.skip_locked + ")"
-                         " RETURNING " + ", ".join(WAKE_COLUMNS), lease_until, now, now, limit)
-        return [dict(zip(WAKE_COLUMNS, row)) for row in rows]
+                         " AND (launch_after_ms IS NULL OR launch_after_ms <= ?)" + of_workflows + self._DUE_ORDER
+                         + " LIMIT ?" + self.dialect.skip_locked + ") RETURNING " + ", ".join(CLAIM_COLUMNS),
+                         lease_until, *args, now, now, *(workflows or ()), limit)
+        return [dict(zip(CLAIM_COLUMNS, row)) for row in rows]
 
-    def unregistered_launch(self, instance_id: str) -> int | None:
-        """The attempt count of a launch the instance has not registered for yet, else None."""
-        return self.value("SELECT launch_attempts FROM instances WHERE instance_id = ? AND status = 'suspended'"
-                          " AND launch_lease_until_ms IS NOT NULL" + self.dialect.lock_row, instance_id)
+    def claim_launches(self, now: int, lease_until: int, workflows: tuple | None, max_busy: int,
+                       limit: int) -> list[dict]:
+        """Claim what to launch now: orphaned runs first, then due instances while slots are free."""
+        self.lock_capacity()
+        orphans = self.claim(self._ORPHANED, (), now, lease_until, workflows, limit)
+        free = min(max_busy - self.count_busy(now), limit - len(orphans))
+        return orphans + self.claim(self._DUE, (now,), now, lease_until, workflows, free)
 
-    def set_launch_lease(self, instance_id: str, until: int) -> None:
-        self.rows("UPDATE instances SET launch_lease_until_ms = ? WHERE instance_id = ?", until, instance_id)
+    def end_launch(self, instance_id: str, launch_after: int | None) -> None:
+        """The launch under way ended without a run: free its slot; launch again after `launch_after`."""
+        self.rows("UPDATE instances SET launch_lease_until_ms = NULL, launch_after_ms = ? WHERE instance_id = ?",
+                  launch_after, instance_id)
 
     # -- whole database ---------------------------------------------------------------------
 
@@ -1092,11 +1212,23 @@ def _status_map(instance: dict, with_output: bool = True) -> dict:
     return _compact(fields)
 
 
-def _refuse(tx: Tx, instance_id: str, action: str):
+def _iso(ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _check_run(instance: dict, run: int | None) -> None:
+    """A request of `run` may act only while that run is the instance's newest."""
+    if run is None or run == instance["run"]:
+        return
+    if run < instance["run"]:
+        raise Superseded(f"run {run} of instance {instance['instance_id']} was superseded by run {instance['run']}")
+    raise InvalidRequest(f"instance {instance['instance_id']} has no run {run} yet (its newest is {instance['run']})")
+
+
+def _refuse(tx: Tx, instance_id: str, action: str, run: int | None = None):
     """Raise the error that explains why a guarded statement changed nothing."""
-    instance = tx.get_instance(instance_id)
-    if instance is None:
-        raise InstanceNotFound(f"no instance {instance_id}")
+    instance = _existing(tx, instance_id)
+    _check_run(instance, run)
     raise InvalidState(f"instance {instance_id} is {instance['status']}; cannot {action}")
 
 
@@ -1107,33 +1239,65 @@ def _existing(tx: Tx, instance_id: str, lock: bool = False) -> dict:
     return instance
 
 
-def _register(tx: Tx, instance_id, tenant_id, checkpoint_id, now, max_running) -> dict:
+def _not_due(instance: dict, signal: dict | None, now: int) -> str | None:
+    """Why a suspended instance may not run yet, or None when it is due."""
+    wakes = instance["sleep_until_ms"]
+    if signal is not None and signal["signal_type"] == "resume":
+        return None
+    if wakes is None or signal is not None and signal["signal_type"] == "pause":
+        return f"instance {instance['instance_id']} is paused; send resume to run it again"
+    if wakes > now:
+        return f"instance {instance['instance_id']} sleeps until {_iso(wakes)}; send resume to wake it now"
+    return None
+
+
+def _register(tx: Tx, instance_id, tenant_id, checkpoint_id, run, now, max_busy) -> dict:
     tx.create_instance(instance_id, tenant_id, now)
-    instance = _existing(tx, instance_id, lock=True)
+    instance = tx.get_run(instance_id)
     if instance["tenant_id"] != tenant_id:
         raise TenantMismatch(f"instance {instance_id} belongs to another tenant")
     if instance["status"] in TERMINAL:
         raise InvalidState(f"instance {instance_id} is {instance['status']}; it cannot run again")
+    reply = {"instance_id": instance_id, "status": "running", "checkpoint_id": instance["checkpoint_id"],
+             "resumed": instance["started_at_ms"] is not None, "workflow": instance["workflow"],
+             "input": tx.get_input(instance_id)}
+    if run is not None:  # a new connection of the same run: bound, nothing begins
+        _check_run(instance, run)
+        if instance["status"] != "running":
+            raise InvalidState(f"instance {instance_id} is {instance['status']}; run {run} has ended")
+        return _compact({**reply, "run": run})
     if checkpoint_id is not None and tx.get_checkpoint(instance_id, checkpoint_id) is None:
         raise CheckpointNotFound(f"instance {instance_id} has no checkpoint {checkpoint_id}")
-    if instance["status"] != "running" and tx.count_running() >= max_running:
-        raise Overloaded(f"{max_running} instances are already running; try again later")
-    tx.start_instance(instance_id, tenant_id, now)
-    resumed = instance["started_at_ms"] is not None
-    tx.insert_event(instance_id, "resumed" if resumed else "started", now, checkpoint_id=checkpoint_id)
-    return _compact({"instance_id": instance_id, "status": "running", "checkpoint_id": instance["checkpoint_id"],
-                     "resumed": resumed})
+    signal = tx.get_signal(instance_id)
+    lease = instance["launch_lease_until_ms"]
+    reserved = lease is not None and lease > now  # a launch holds a slot for this registration
+    if instance["status"] == "suspended" and not reserved:
+        refusal = _not_due(instance, signal, now)
+        if refusal:
+            raise InvalidState(refusal)
+    if instance["status"] != "running" and not reserved:
+        tx.lock_capacity()
+        if tx.count_busy(now) >= max_busy:
+            raise Overloaded(f"{max_busy} instances are already running or being launched; try again later")
+    wakes = instance["sleep_until_ms"]
+    if signal is not None and signal["signal_type"] == "resume":  # it let this run in: consumed
+        tx.delete_signal(instance_id)
+        tx.insert_event(instance_id, "signal", now, subtype="resume")
+        wakes = None if wakes is None else min(wakes, now)  # the replayed sleep returns at once
+    reply["run"] = tx.begin_run(instance_id, now, wakes)
+    tx.insert_event(instance_id, "resumed" if reply["resumed"] else "started", now, checkpoint_id=checkpoint_id)
+    return _compact(reply)
 
 
-def _save(tx: Tx, instance_id, checkpoint_id, state, now, action: str) -> dict:
-    saved = tx.save_checkpoint(instance_id, checkpoint_id, state, now)
+def _save(tx: Tx, instance_id, checkpoint_id, state, run, now, action: str) -> dict:
+    saved = tx.save_checkpoint(instance_id, checkpoint_id, state, now, run)
     if saved is None:
-        _refuse(tx, instance_id, action)
+        _refuse(tx, instance_id, action, run)
     return saved
 
 
-def _checkpoint(tx: Tx, instance_id, checkpoint_id, state, now) -> dict:
-    saved = _save(tx, instance_id, checkpoint_id, state, now, "save a checkpoint")
+def _checkpoint(tx: Tx, instance_id, checkpoint_id, state, run, now) -> dict:
+    saved = _save(tx, instance_id, checkpoint_id, state, run, now, "save a checkpoint")
     custom = tx.take_custom_signal(instance_id, checkpoint_id) if saved["custom_waiting"] else None
     return _compact({"found": saved["first"] is not None, "state": saved["first"] or b"",
                      "pending_signal": saved["signal"],
@@ -1146,9 +1310,9 @@ def _get_checkpoint(tx: Tx, instance_id, checkpoint_id) -> dict:
     return {"found": state is not None, "state": b"" if state is None else state}
 
 
-def _start_sleep(tx: Tx, instance_id, checkpoint_id, state, duration_ms, now, inline_max_ms) -> tuple[bool, int]:
+def _start_sleep(tx: Tx, instance_id, checkpoint_id, state, duration_ms, run, now, inline_max_ms) -> tuple[bool, int]:
     """Save the checkpoint and settle the wake time: (suspended, wake_at_ms)."""
-    saved = _save(tx, instance_id, checkpoint_id, state, now, "sleep")
+    saved = _save(tx, instance_id, checkpoint_id, state, run, now, "sleep")
     replayed, stored = saved["first"] is not None, saved["sleep_until_ms"]
     if replayed and stored is not None:
         wake_at = stored  # a relaunched instance replaying its sleep waits only for what is left
@@ -1165,19 +1329,19 @@ def _start_sleep(tx: Tx, instance_id, checkpoint_id, state, duration_ms, now, in
 
 
 def _apply_event(tx: Tx, now: int, instance_id, event_type, payload=None, subtype=None, checkpoint_id=None,
-                 timestamp_ms=None) -> None:
+                 timestamp_ms=None, run=None) -> None:
     # timestamp_ms is the instance's clock; events are stamped by the server's, so they order across instances
     if event_type == "completed":
-        moved = tx.transition(instance_id, "completed", ("running", "suspended"), now, output=payload or b"")
+        moved = tx.transition(instance_id, "completed", ("running", "suspended"), now, output=payload or b"", run=run)
     elif event_type == "failed":
         error = (payload or b"").decode("utf-8", "replace").replace("\x00", "\ufffd") or "failed"
-        moved = tx.transition(instance_id, "failed", ("running", "suspended"), now, error=error)
+        moved = tx.transition(instance_id, "failed", ("running", "suspended"), now, error=error, run=run)
     elif event_type == "suspended":
-        moved = tx.transition(instance_id, "suspended", ("running",), now)
+        moved = tx.transition(instance_id, "suspended", ("running",), now, run=run)
     else:  # heartbeat, custom: change no status
-        moved = tx.touch_heartbeat(instance_id, now)
+        moved = tx.touch_heartbeat(instance_id, now, run)
     if not moved:
-        _refuse(tx, instance_id, f"report {event_type}")
+        _refuse(tx, instance_id, f"report {event_type}", run)
     if event_type != "heartbeat":
         tx.insert_event(instance_id, event_type, now, subtype=subtype, checkpoint_id=checkpoint_id, payload=payload)
 
@@ -1188,8 +1352,8 @@ def _apply_events(tx: Tx, events: list[dict], now: int) -> int:
     return len(events)
 
 
-def _poll_signals(tx: Tx, instance_id, checkpoint_id) -> dict:
-    _existing(tx, instance_id)
+def _poll_signals(tx: Tx, instance_id, checkpoint_id, run) -> dict:
+    _check_run(_existing(tx, instance_id), run)
     custom = checkpoint_id and tx.take_custom_signal(instance_id, checkpoint_id)
     return _compact({"signal": tx.get_signal(instance_id),
                      "custom_signal": None if custom is None else {"checkpoint_id": checkpoint_id, "payload": custom}})
@@ -1198,38 +1362,63 @@ def _poll_signals(tx: Tx, instance_id, checkpoint_id) -> dict:
 SIGNAL_EFFECTS = {"cancel": ("cancelled", ACTIVE), "pause": ("suspended", ("pending", "running"))}
 
 
-def _signal_ack(tx: Tx, instance_id, signal_type, acknowledged, now) -> dict:
-    _existing(tx, instance_id, lock=True)
-    if acknowledged and tx.ack_signal(instance_id, signal_type):
+def _signal_ack(tx: Tx, instance_id, signal_type, acknowledged, run, now) -> dict:
+    _check_run(_existing(tx, instance_id, lock=True), run)
+    applied = acknowledged and tx.ack_signal(instance_id, signal_type)
+    if applied:
         tx.insert_event(instance_id, "signal", now, subtype=signal_type)
         if signal_type in SIGNAL_EFFECTS:
             to_status, from_statuses = SIGNAL_EFFECTS[signal_type]
             tx.transition(instance_id, to_status, from_statuses, now)
-    return {"status": tx.get_instance(instance_id)["status"]}
+    return {"status": tx.get_instance(instance_id)["status"], "applied": applied}
 
 
-def _retry_attempt(tx: Tx, instance_id, checkpoint_id, attempt_number, error_message, timestamp_ms, now) -> None:
-    if not tx.touch_heartbeat(instance_id, now):
-        raise InstanceNotFound(f"no instance {instance_id}")
+def _retry_attempt(tx: Tx, instance_id, checkpoint_id, attempt_number, error_message, timestamp_ms, run, now) -> None:
+    if not tx.touch_heartbeat(instance_id, now, run):
+        _refuse(tx, instance_id, "report a retry", run)
     payload = msgpack.packb(_compact({"attempt_number": attempt_number, "error_message": error_message,
                                       "timestamp_ms": timestamp_ms}))
     tx.insert_event(instance_id, "retry", now, checkpoint_id=checkpoint_id, payload=payload)
 
 
-def _require_active(tx: Tx, instance_id: str) -> None:
+def _require_active(tx: Tx, instance_id: str) -> dict:
     instance = _existing(tx, instance_id, lock=True)
     if instance["status"] in TERMINAL:
         raise InvalidState(f"instance {instance_id} is {instance['status']}; it takes no more signals")
+    return instance
 
 
-def _send_signal(tx: Tx, instance_id, signal_type, payload, now) -> None:
-    _require_active(tx, instance_id)
-    tx.put_signal(instance_id, signal_type, payload, now)
+def _send_signal(tx: Tx, instance_id, signal_type, payload, now) -> dict:
+    """Store the signal for the instance's process, or apply it at once where no process is involved:
+    cancel of a pending or suspended instance, pause of a pending one. A pending cancel is never replaced."""
+    status = _require_active(tx, instance_id)["status"]
+    pending = tx.get_signal(instance_id)
+    if pending is not None and pending["signal_type"] == "cancel" and signal_type != "cancel":
+        raise InvalidState(f"instance {instance_id} has a pending cancel; it takes no {signal_type}")
+    immediate = SIGNAL_EFFECTS.get(signal_type)
+    if immediate and status != "running" and status in immediate[1]:
+        tx.delete_signal(instance_id)
+        tx.transition(instance_id, immediate[0], (status,), now)
+        tx.insert_event(instance_id, "signal", now, subtype=signal_type, payload=payload or None)
+    else:
+        tx.put_signal(instance_id, signal_type, payload, now)
+    return {"instance_id": instance_id, "signal_type": signal_type,
+            "status": tx.get_instance(instance_id)["status"]}
 
 
 def _send_custom_signal(tx: Tx, instance_id, checkpoint_id, payload, now) -> None:
     _require_active(tx, instance_id)
     tx.put_custom_signal(instance_id, checkpoint_id, payload, now)
+
+
+def _start_instance(tx: Tx, instance_id, tenant_id, workflow, input, now) -> dict:
+    created = tx.create_instance(instance_id, tenant_id, now, workflow or "default", input or None)
+    instance = _existing(tx, instance_id)
+    if instance["tenant_id"] != tenant_id:
+        raise TenantMismatch(f"instance {instance_id} belongs to another tenant")
+    if created:
+        tx.insert_event(instance_id, "created", now, subtype=instance["workflow"])
+    return {"instance_id": instance_id, "status": instance["status"], "created": created}
 
 
 def _list_instances(tx: Tx, tenant_id, status, limit, offset) -> dict:
@@ -1251,19 +1440,84 @@ def _list_events(tx: Tx, instance_id, event_type, subtype, limit, offset) -> dic
             "total_count": tx.count_events(instance_id, event_type, subtype)}
 
 
-def _launch_ended(tx: Tx, instance_id: str, reason: str, now: int, max_attempts: int, retry_at: int) -> bool:
-    """A launched process ended or ran out its lease: unless the instance registered meanwhile, count a failed
-    launch, and after `max_attempts` fail the instance. True when it was a failure."""
-    attempts = tx.unregistered_launch(instance_id)
-    if attempts is None:
-        return False
-    tx.insert_event(instance_id, "launch_failed", now, payload=reason.encode())
-    if attempts >= max_attempts:
-        tx.transition(instance_id, "failed", ("suspended",), now,
-                      error=f"launch failed {attempts} times; the last one {reason}")
-    else:
-        tx.set_launch_lease(instance_id, retry_at)
-    return True
+# -- the scheduler's rules (section 5): what a launch, an exit and silence mean --------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Recovery:
+    """The settings the recovery rules need, so that the rules stay pure functions of the transaction."""
+
+    max_launch_attempts: int
+    max_restarts: int
+    backoff_ms: int                   # the first retry's delay; each one after doubles it, up to a minute
+    workflows: tuple | None           # the workflows that have a launch command (None: all)
+
+    def retry_at(self, now: int, tries: int) -> int:
+        return now + min(self.backoff_ms * 2 ** min(tries, 20), 60_000)
+
+    def launches(self, workflow: str) -> bool:
+        return self.workflows is None or workflow in self.workflows
+
+
+def _orphaned(tx: Tx, instance: dict, reason: str, now: int, rules: Recovery) -> str:
+    """The current run of a running instance is dead (`reason`): apply what its pending signal says, or
+    relaunch it, or fail it after too many restarts in a row. The instance's status after."""
+    instance_id, signal = instance["instance_id"], tx.get_signal(instance["instance_id"])
+    if signal is not None and signal["signal_type"] == "cancel":  # nobody is left to acknowledge it
+        tx.delete_signal(instance_id)
+        tx.transition(instance_id, "cancelled", ("running",), now)
+        tx.insert_event(instance_id, "signal", now, subtype="cancel")
+        return "cancelled"
+    if signal is not None and signal["signal_type"] == "pause":  # stays pending: paused until a resume
+        tx.transition(instance_id, "suspended", ("running",), now)
+        tx.insert_event(instance_id, "suspended", now, subtype="pause")
+        return "suspended"
+    if not rules.launches(instance["workflow"]):
+        tx.transition(instance_id, "failed", ("running",), now, error=f"stale: {reason}")
+        return "failed"
+    if instance["restarts"] >= rules.max_restarts:
+        tx.transition(instance_id, "failed", ("running",), now,
+                      error=f"{reason}; {instance['restarts']} restarts in a row saved no new checkpoint")
+        return "failed"
+    restarts = tx.orphan(instance_id, now, rules.retry_at(now, instance["restarts"]))
+    tx.insert_event(instance_id, "restart", now, payload=msgpack.packb(
+        {"run": instance["run"], "restarts": restarts, "reason": reason}))
+    return "running"
+
+
+def _recover_silent(tx: Tx, cutoff: int, now: int, rules: Recovery) -> list[tuple[str, str]]:
+    """Runs silent since before `cutoff` are dead: [(instance_id, its status after)]."""
+    recovered = []
+    for instance_id, since in tx.silent_runs(cutoff):
+        reason = f"no heartbeat, checkpoint or event since {_iso(since)}"
+        recovered.append((instance_id, _orphaned(tx, tx.get_run(instance_id), reason, now, rules)))
+    return recovered
+
+
+def _launch_ended(tx: Tx, claim: dict, pid: int | None, code: int | None, reason: str, now: int,
+                  rules: Recovery) -> str | None:
+    """A launched process ended (`code` None: it never started, or the server killed it). Charged only to
+    this launch: as a failed launch when the instance has begun no run since the claim, as an orphaned run
+    when the run the launch began is still the newest and running. The instance's status after."""
+    instance = tx.get_run(claim["instance_id"])
+    if instance is None:
+        return None
+    began = claim["run"] + 1 if instance["run"] > claim["run"] else None
+    tx.insert_event(claim["instance_id"], "exited", now, payload=msgpack.packb({"pid": pid, "code": code, "run": began}))
+    if instance["status"] in TERMINAL:
+        return instance["status"]
+    if began is None:
+        attempts = instance["launch_attempts"]
+        tx.insert_event(claim["instance_id"], "launch_failed", now, payload=reason.encode())
+        if attempts >= rules.max_launch_attempts:
+            tx.transition(claim["instance_id"], "failed", ACTIVE, now,
+                          error=f"launch failed {attempts} times; the last one {reason}")
+            return "failed"
+        tx.end_launch(claim["instance_id"], rules.retry_at(now, attempts))
+        return instance["status"]
+    if began == instance["run"] and instance["status"] == "running" and instance["orphaned_at_ms"] is None:
+        return _orphaned(tx, instance, f"the process of run {began} {reason}", now, rules)
+    return instance["status"]
 
 
 def _health(tx: Tx) -> int:
@@ -1272,13 +1526,20 @@ def _health(tx: Tx) -> int:
 
 
 class Core:
-    """The protocol's operations over a storage; the server and the embedded backend both call dispatch()."""
+    """The protocol's operations over a storage; the server and the embedded backend both call dispatch().
 
-    def __init__(self, storage: Storage, settings: Settings | None = None):
+    `clock` gives the time in epoch milliseconds (a test may replace it)."""
+
+    def __init__(self, storage: Storage, settings: Settings | None = None, clock: Callable[[], int] = now_ms):
         self.storage = storage
         self.settings = settings or Settings()
+        self.clock = clock
         self.started = time.monotonic()
         self.admin_token = admin_token(self.settings.secret) if self.settings.secret else None
+        self.rules = Recovery(self.settings.launch_max_attempts, self.settings.max_restarts,
+                              max(self.settings.wake_interval_ms, 10), self.settings.launched_workflows)
+        self._waiters: dict[str, set[asyncio.Future]] = {}  # wait_instance requests, by instance
+        self.closing = False
 
     def _write(self, fn, *args):
         return self.storage.write_soon(fn, *args)
@@ -1290,10 +1551,27 @@ class Core:
         """Answer one request map, or raise the RuntaraError that is its answer."""
         op, fields, token = parse_request(message)
         self.authorize(op, fields, token, session)
-        reply = await getattr(self, op)(**fields)
+        try:
+            reply = await getattr(self, op)(**fields)
+        finally:
+            if self._waiters:  # whatever the request changed, someone may be waiting for it
+                self.changed(*([event["instance_id"] for event in fields["events"]] if op == "instance_event_batch"
+                               else [fields.get("instance_id")]))
         if op == "register_instance" and self.admin_token and not _same_token(token, self.admin_token):
             session.instance_id = fields["instance_id"]
         return reply
+
+    def changed(self, *instance_ids) -> None:
+        """Wake the wait_instance requests of these instances, to look again."""
+        for instance_id in instance_ids:
+            for waiter in self._waiters.pop(instance_id, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def close(self) -> None:
+        """Answer every waiting request now: the server is stopping."""
+        self.closing = True
+        self.changed(*list(self._waiters))
 
     def authorize(self, op: str, fields: dict, token: str | None, session: Session) -> None:
         """PROTOCOL.md section 6; a no-op when no secret is set."""
@@ -1315,31 +1593,31 @@ class Core:
 
     # -- section 3.1 ------------------------------------------------------------------------
 
-    async def register_instance(self, instance_id, tenant_id, checkpoint_id):
-        return await self._write(_register, instance_id, tenant_id, checkpoint_id, now_ms(),
+    async def register_instance(self, instance_id, tenant_id, checkpoint_id, run):
+        return await self._write(_register, instance_id, tenant_id, checkpoint_id, run, self.clock(),
                                  self.settings.max_concurrent_instances)
 
-    async def checkpoint(self, instance_id, checkpoint_id, state):
-        return await self._write(_checkpoint, instance_id, checkpoint_id, state, now_ms())
+    async def checkpoint(self, instance_id, checkpoint_id, state, run):
+        return await self._write(_checkpoint, instance_id, checkpoint_id, state, run, self.clock())
 
     async def get_checkpoint(self, instance_id, checkpoint_id):
         return await self._read(_get_checkpoint, instance_id, checkpoint_id)
 
-    async def sleep(self, instance_id, checkpoint_id, state, duration_ms):
-        suspended, wake_at = await self._write(_start_sleep, instance_id, checkpoint_id, state, duration_ms,
-                                               now_ms(), self.settings.sleep_inline_max_ms)
+    async def sleep(self, instance_id, checkpoint_id, state, duration_ms, run):
+        suspended, wake_at = await self._write(_start_sleep, instance_id, checkpoint_id, state, duration_ms, run,
+                                               self.clock(), self.settings.sleep_inline_max_ms)
         if not suspended:
-            while (left := wake_at - now_ms()) > 0:  # asyncio may wake a hair early; never answer before the time
+            while (left := wake_at - self.clock()) > 0:  # asyncio may wake a hair early; never answer before the time
                 await asyncio.sleep(left / 1000)
             await self._write(Tx.clear_sleep, instance_id)
         return {"suspended": suspended, "wake_at_ms": wake_at}
 
     async def instance_event(self, **event):
-        await self._write(_apply_events, [event], now_ms())
+        await self._write(_apply_events, [event], self.clock())
         return {"accepted": True}
 
     async def instance_event_batch(self, events):
-        return {"accepted": await self._write(_apply_events, events, now_ms())}
+        return {"accepted": await self._write(_apply_events, events, self.clock())}
 
     async def get_instance_status(self, instance_id):
         instance = await self._read(Tx.get_instance, instance_id)
@@ -1347,16 +1625,16 @@ class Core:
             return {"found": False, "instance_id": instance_id, "status": "unknown"}
         return _status_map(instance)
 
-    async def poll_signals(self, instance_id, checkpoint_id):
+    async def poll_signals(self, instance_id, checkpoint_id, run):
         job = self._write if checkpoint_id else self._read  # only a named checkpoint consumes a custom signal
-        return await job(_poll_signals, instance_id, checkpoint_id)
+        return await job(_poll_signals, instance_id, checkpoint_id, run)
 
-    async def signal_ack(self, instance_id, signal_type, acknowledged):
-        return await self._write(_signal_ack, instance_id, signal_type, acknowledged, now_ms())
+    async def signal_ack(self, instance_id, signal_type, acknowledged, run):
+        return await self._write(_signal_ack, instance_id, signal_type, acknowledged, run, self.clock())
 
-    async def retry_attempt(self, instance_id, checkpoint_id, attempt_number, error_message, timestamp_ms):
+    async def retry_attempt(self, instance_id, checkpoint_id, attempt_number, error_message, timestamp_ms, run):
         await self._write(_retry_attempt, instance_id, checkpoint_id, attempt_number, error_message, timestamp_ms,
-                          now_ms())
+                          run, self.clock())
         return {"accepted": True}
 
     # -- section 3.2 ------------------------------------------------------------------------
@@ -1370,12 +1648,38 @@ class Core:
         return {"healthy": healthy, "version": __version__, "database": self.storage.dialect.name,
                 "uptime_ms": int((time.monotonic() - self.started) * 1000), "running_instances": running}
 
+    async def start_instance(self, instance_id, tenant_id, workflow, input):
+        return await self._write(_start_instance, instance_id, tenant_id, workflow, input, self.clock())
+
+    # Other servers and the CLI change instances too, unseen here: a waiting request also looks every second.
+    WAIT_RECHECK_S = 1.0
+
+    async def wait_instance(self, instance_id, timeout_ms):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_ms / 1000
+        while True:
+            waiter = loop.create_future()  # registered before the read, so no change between them is missed
+            self._waiters.setdefault(instance_id, set()).add(waiter)
+            try:
+                status = await self.get_instance_status(instance_id)
+                if not status["found"]:
+                    raise InstanceNotFound(f"no instance {instance_id}")
+                left = deadline - loop.time()
+                if status["status"] in TERMINAL or left <= 0 or self.closing:
+                    return status
+                await asyncio.wait({waiter}, timeout=min(left, self.WAIT_RECHECK_S))
+            finally:
+                waiters = self._waiters.get(instance_id)
+                if waiters is not None:
+                    waiters.discard(waiter)
+                    if not waiters:
+                        del self._waiters[instance_id]
+
     async def send_signal(self, instance_id, signal_type, payload):
-        await self._write(_send_signal, instance_id, signal_type, payload or b"", now_ms())
-        return {"instance_id": instance_id, "signal_type": signal_type}
+        return await self._write(_send_signal, instance_id, signal_type, payload or b"", self.clock())
 
     async def send_custom_signal(self, instance_id, checkpoint_id, payload):
-        await self._write(_send_custom_signal, instance_id, checkpoint_id, payload or b"", now_ms())
+        await self._write(_send_custom_signal, instance_id, checkpoint_id, payload or b"", self.clock())
         return {"instance_id": instance_id, "checkpoint_id": checkpoint_id}
 
     async def list_instances(self, tenant_id, status, limit, offset):
@@ -1387,34 +1691,36 @@ class Core:
     async def list_events(self, instance_id, event_type, subtype, limit, offset):
         return await self._read(_list_events, instance_id, event_type, subtype, limit, offset)
 
-    # -- wake scheduler and liveness (section 5) ---------------------------------------------
+    # -- the scheduler (section 5): it decides, a launcher runs ---------------------------------
 
-    async def claim_wakes(self, limit: int = 32) -> list[dict]:
-        now = now_ms()
-        return await self._write(Tx.claim_wakes, now, now + self.settings.launch_timeout_ms, limit)
+    async def claim_launches(self, limit: int = 32) -> list[dict]:
+        """Claim the instances to launch now, within the concurrency limit (see Tx.claim_launches)."""
+        now = self.clock()
+        return await self._write(Tx.claim_launches, now, now + self.settings.launch_timeout_ms,
+                                 self.rules.workflows, self.settings.max_concurrent_instances, limit)
 
-    async def record_launch(self, instance_id: str, pid: int, attempt: int) -> None:
-        await self._write(Tx.insert_event, instance_id, "launched", now_ms(), None, None,
-                          msgpack.packb({"pid": pid, "attempt": attempt}))
+    async def record_launch(self, claim: dict, pid: int) -> None:
+        await self._write(Tx.insert_event, claim["instance_id"], "launched", self.clock(), None, None,
+                          msgpack.packb({"pid": pid, "attempt": claim["launch_attempts"], "run": claim["run"] + 1}))
 
-    async def still_launching(self, instance_id: str) -> bool:
-        return await self._read(Tx.unregistered_launch, instance_id) is not None
+    async def still_launching(self, claim: dict) -> bool:
+        """True while the instance has begun no run since the claim and can still begin one."""
+        instance = await self._read(Tx.get_instance, claim["instance_id"])
+        return instance is not None and instance["run"] == claim["run"] and instance["status"] not in TERMINAL
 
-    async def launch_ended(self, instance_id: str, reason: str, attempt: int) -> bool:
-        now = now_ms()
-        backoff = min(self.settings.wake_interval_ms * 2 ** attempt, 60_000)
-        failed = await self._write(_launch_ended, instance_id, reason, now, self.settings.launch_max_attempts,
-                                   now + backoff)
-        if failed:
-            log.warning("launch %d of instance %s failed: it %s", attempt, instance_id, reason)
-        return failed
+    async def launch_ended(self, claim: dict, pid: int | None, code: int | None, reason: str) -> str | None:
+        status = await self._write(_launch_ended, claim, pid, code, reason, self.clock(), self.rules)
+        log.info("launch of instance %s ended: it %s; the instance is %s", claim["instance_id"], reason, status)
+        self.changed(claim["instance_id"])
+        return status
 
-    async def fail_stale(self) -> list[tuple[str, int]]:
-        now = now_ms()
-        stale = await self._write(Tx.fail_stale, now - self.settings.heartbeat_timeout_ms, now)
-        for instance_id, since in stale:
-            log.warning("instance %s went stale (last sign of life at %d ms); marked failed", instance_id, since)
-        return stale
+    async def recover_silent(self) -> list[tuple[str, str]]:
+        now = self.clock()
+        recovered = await self._write(_recover_silent, now - self.settings.heartbeat_timeout_ms, now, self.rules)
+        for instance_id, status in recovered:
+            log.warning("instance %s went silent; it is now %s", instance_id, status)
+        self.changed(*(instance_id for instance_id, _ in recovered))
+        return recovered
 
 
 # =============================================================================================
@@ -1693,16 +1999,17 @@ class Server:
                         " dropped (raise net.core.rmem_max)", granted // 1024, self.RECEIVE_BUFFER // 1024)
 
     async def _scheduler(self):
-        """Every wake interval: fail stale instances; with a launch command, launch the due ones."""
+        """Every wake interval: recover silent runs; with launch commands, launch what waits for one."""
         interval = max(self.settings.wake_interval_ms, 10) / 1000
+        launches = self.settings.launched_workflows != ()
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.core.fail_stale()
-                if self.settings.launch_command:
-                    for claim in await self.core.claim_wakes():
+                await self.core.recover_silent()
+                if launches:
+                    for claim in await self.core.claim_launches():
                         self._launches.add(asyncio.get_running_loop().create_task(self._launch(claim)))
-                        self._launches = {task for task in self._launches if not task.done()}
+                    self._launches = {task for task in self._launches if not task.done()}
             except Exception:
                 log.exception("wake scheduler tick failed")
 
@@ -1712,6 +2019,7 @@ class Server:
         host, port = self.address
         host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         env.update(RUNTARA_INSTANCE_ID=claim["instance_id"], RUNTARA_TENANT_ID=claim["tenant_id"],
+                   RUNTARA_WORKFLOW=claim["workflow"],
                    RUNTARA_SERVER_ADDR=f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         env.pop("RUNTARA_CHECKPOINT_ID", None)
         if claim["checkpoint_id"]:
@@ -1722,30 +2030,35 @@ class Server:
         return env
 
     async def _launch(self, claim: dict) -> None:
-        """Start the launch command for one claimed instance and watch it until it registers or fails."""
-        instance_id, attempt = claim["instance_id"], claim["launch_attempts"]
-        argv = shlex.split(self.settings.launch_command)
+        """Run the workflow's command for one claimed instance, in a process group of its own, and watch it
+        until it exits: it must register within the launch timeout, and its exit is reported either way."""
+        argv = shlex.split(self.settings.command_for(claim["workflow"]))
         try:
             process = await asyncio.create_subprocess_exec(*argv, env=self.launch_environment(claim),
-                                                           stdin=asyncio.subprocess.DEVNULL)
+                                                           stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
         except OSError as exc:
-            await self.core.launch_ended(instance_id, f"could not start {argv[0]!r}: {exc.strerror}", attempt)
+            await self.core.launch_ended(claim, None, None, f"could not start {argv[0]!r}: {exc.strerror}")
             return
-        log.info("launched instance %s (attempt %d, pid %d)", instance_id, attempt, process.pid)
-        await self.core.record_launch(instance_id, process.pid, attempt)
+        log.info("launched instance %s (attempt %d, pid %d)", claim["instance_id"], claim["launch_attempts"],
+                 process.pid)
+        await self.core.record_launch(claim, process.pid)
         exited = asyncio.ensure_future(process.wait())
         done, _ = await asyncio.wait({exited}, timeout=self.settings.launch_timeout_ms / 1000)
-        if not done and await self.core.still_launching(instance_id):
-            process.kill()
+        if not done and await self.core.still_launching(claim):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal_module.SIGKILL)
             await exited
             reason = f"did not register within {self.settings.launch_timeout_ms} ms and was killed"
-        else:
-            code = await exited
-            reason = f"exited with code {code} before registering"
-        await self.core.launch_ended(instance_id, reason, attempt)
+            await self.core.launch_ended(claim, process.pid, None, reason)
+            return
+        code = await exited
+        await self.core.launch_ended(claim, process.pid, code, f"exited with code {code}")
 
     async def stop(self) -> None:
-        """Answer what is in flight, close connections and the database (checkpointing the WAL)."""
+        """Answer what is in flight, close connections and the database (checkpointing the WAL).
+        Launched processes live on; a server that starts again finds them by their heartbeats."""
+        if self.core is not None:
+            self.core.close()
         for task in (*self._background, *self._launches):
             task.cancel()
         await asyncio.gather(*self._background, *self._launches, return_exceptions=True)
@@ -1979,9 +2292,9 @@ class QuicTransport:
                 attempt.append(_client_protocol()(*args, **kwargs))
                 return attempt[-1]
             try:
-                protocol = await asyncio.wait_for(stack.enter_async_context(connect(
+                protocol = await within(stack.enter_async_context(connect(
                     self.host.strip("[]"), self.port, configuration=self._configuration(),
-                    create_protocol=create_protocol)), timeout=self.CONNECT_TIMEOUT_S)
+                    create_protocol=create_protocol)), self.CONNECT_TIMEOUT_S)
             except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
                 reason = self._why(exc, attempt[0].close_event if attempt else None)  # before our own close
                 await stack.aclose()
@@ -2006,19 +2319,23 @@ class QuicTransport:
         while protocol.failure is None:
             await asyncio.sleep(self.KEEPALIVE_S)
             try:
-                await asyncio.wait_for(protocol.ping(), self.KEEPALIVE_S)
+                await within(protocol.ping(), self.KEEPALIVE_S)
             except (asyncio.TimeoutError, ConnectionError):
                 protocol.fail(ConnectionLost(f"{self.host}:{self.port} stopped answering pings"))
 
+    # Operations the server may hold for as long as the request asks, besides the usual deadline.
+    HELD_FOR = {"sleep": "duration_ms", "wait_instance": "timeout_ms"}
+
     async def send(self, protocol, message: dict) -> dict:
-        timeout = self.REQUEST_TIMEOUT_S + (message.get("duration_ms", 0) / 1000 if message["op"] == "sleep" else 0)
-        try:
-            frame_type, reply = await asyncio.wait_for(
-                protocol.send_request(encode_frame(FRAME_REQUEST, message)), timeout)
-        except asyncio.TimeoutError:
+        held = message.get(self.HELD_FOR.get(message["op"]), 0)
+        timeout = self.REQUEST_TIMEOUT_S + (held / 1000 if isinstance(held, int) else 0)
+        answer = protocol.send_request(encode_frame(FRAME_REQUEST, message))
+        done, _ = await asyncio.wait({answer}, timeout=timeout)  # not wait_for: see within()
+        if not done:
             error = ConnectionLost(f"no answer from {self.host}:{self.port} within {timeout:g} s; reconnecting")
             protocol.fail(error)
-            raise error from None
+            raise error
+        frame_type, reply = answer.result()
         if frame_type == FRAME_ERROR:
             raise error_from_wire(str(reply.get("code")), str(reply.get("message")))
         return reply
@@ -2033,7 +2350,7 @@ class QuicTransport:
         if self._exit_stack is not None:
             stack, self._exit_stack, self._protocol = self._exit_stack, None, None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(stack.aclose(), 2)
+                await within(stack.aclose(), 2)
 
     async def close(self):
         async with self._lock:
@@ -2061,10 +2378,6 @@ class EmbeddedTransport:
     async def close(self):
         if self.owns_storage:
             await asyncio.to_thread(self.core.storage.close)
-
-
-class Interrupted(Exception):
-    """Raised inside a workflow when it must stop now; `async with Instance(...)` absorbs it."""
 
 
 class Cancelled(Interrupted):
@@ -2163,12 +2476,33 @@ class Instance(_Caller):
             self.transport.on_connect = self._rebind  # a new connection must register again to be bound
         self.registration: dict | None = None
         self._heartbeat_task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
         self._last_poll = (0.0, None)
 
+    @property
+    def run(self) -> int | None:
+        """This process's run of the instance (PROTOCOL.md section 4), once registered."""
+        return self.registration and self.registration.get("run")
+
+    @property
+    def input(self) -> bytes:
+        """The input the instance was started with (empty when none)."""
+        return (self.registration or {}).get("input") or b""
+
+    @property
+    def workflow(self) -> str | None:
+        return self.registration and self.registration.get("workflow")
+
+    async def call(self, op: str, **fields) -> dict:
+        """Every instance operation names this process's run, so that a superseded process changes nothing."""
+        if op != "register_instance" and "run" in OPERATIONS[op]:
+            fields["run"] = self.run
+        return await super().call(op, **fields)
+
     async def _rebind(self, protocol):
-        if self.registration is not None:
+        if self.registration is not None:  # the same run on a new connection: nothing begins
             await self.transport.send(protocol, {"op": "register_instance", "instance_id": self.instance_id,
-                                                 "tenant_id": self.tenant_id, "token": self.token})
+                                                 "tenant_id": self.tenant_id, "token": self.token, "run": self.run})
 
     async def __aenter__(self) -> "Instance":
         await self.register()
@@ -2192,12 +2526,22 @@ class Instance(_Caller):
         return self.registration
 
     async def _heartbeats(self):
-        while True:
-            await asyncio.sleep(self.heartbeat_interval_ms / 1000)
-            try:
-                await self.heartbeat()
-            except RuntaraError as exc:
-                log.warning("heartbeat for %s failed: %s", self.instance_id, exc)
+        """Beat until close() sets the stop event, which this loop checks itself: its stop never depends on a
+        cancellation being delivered through the transport's waits."""
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                await asyncio.wait({stop}, timeout=self.heartbeat_interval_ms / 1000)
+                if stop.done():
+                    return
+                try:
+                    await self.heartbeat()
+                except (Superseded, InvalidState):  # this run is over
+                    return
+                except RuntaraError as exc:
+                    log.warning("heartbeat for %s failed: %s", self.instance_id, exc)
+        finally:
+            stop.cancel()
 
     async def checkpoint(self, checkpoint_id: str, state: bytes) -> CheckpointResult:
         """Save `state` under `checkpoint_id`, or get back what was saved there first."""
@@ -2246,18 +2590,20 @@ class Instance(_Caller):
         self._last_poll = (time.monotonic(), reply)
         return reply
 
-    async def ack(self, signal_type: str, acknowledged: bool = True) -> str:
-        """Acknowledge a signal (it takes effect); returns the instance's status after it."""
+    async def _ack(self, signal_type: str, acknowledged: bool) -> dict:
         self._last_poll = (0.0, None)
-        reply = await self.call("signal_ack", instance_id=self.instance_id, signal_type=signal_type,
-                                acknowledged=acknowledged)
-        return reply["status"]
+        return await self.call("signal_ack", instance_id=self.instance_id, signal_type=signal_type,
+                               acknowledged=acknowledged)
+
+    async def ack(self, signal_type: str, acknowledged: bool = True) -> str:
+        """Acknowledge a signal (it takes effect if it is the pending one); returns the instance's status after."""
+        return (await self._ack(signal_type, acknowledged))["status"]
 
     async def obey(self, signal: dict | None) -> None:
-        """Acknowledge a pending signal and raise Cancelled or Paused when it says to stop."""
-        if signal is None:
+        """Acknowledge a pending signal and raise Cancelled or Paused when it says to stop and was applied:
+        a signal the operator replaced meanwhile stops nothing."""
+        if signal is None or not (await self._ack(signal["signal_type"], True)).get("applied"):
             return
-        await self.ack(signal["signal_type"])
         if signal["signal_type"] == "cancel":
             raise Cancelled("cancelled by signal")
         if signal["signal_type"] == "pause":
@@ -2302,13 +2648,20 @@ class Instance(_Caller):
             return step
         return decorate
 
+    CLOSE_WAIT_S = 1.0
+
     async def close(self) -> None:
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat_task
-            self._heartbeat_task = None
-        await super().close()
+        """Stop the heartbeat and close the transport this instance made; returns within a few seconds
+        whatever the transport does."""
+        task, self._heartbeat_task = self._heartbeat_task, None
+        if task is not None:
+            self._stopping.set()
+            if not (await asyncio.wait({task}, timeout=self.CLOSE_WAIT_S))[0]:
+                task.cancel()
+                if not (await asyncio.wait({task}, timeout=self.CLOSE_WAIT_S))[0]:
+                    log.warning("the heartbeat of %s did not stop; left behind", self.instance_id)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await within(super().close(), 3 * self.CLOSE_WAIT_S)
 
 
 class Client(_Caller):
@@ -2330,6 +2683,24 @@ class Client(_Caller):
 
     async def health_check(self) -> dict:
         return await self.call("health_check")
+
+    async def start(self, instance_id: str, tenant_id: str, input: bytes = b"", workflow: str | None = None) -> dict:
+        """Create a pending instance for the scheduler to launch: {instance_id, status, created}. Idempotent."""
+        return await self.call("start_instance", instance_id=instance_id, tenant_id=tenant_id, input=input,
+                               workflow=workflow)
+
+    async def wait(self, instance_id: str, timeout: float | None = None) -> dict:
+        """The instance's status map once it is terminal, or at `timeout` seconds (None: no limit)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            asked = loop.time()
+            left = MAX_WAIT_MS if deadline is None else max(0, min(MAX_WAIT_MS, int((deadline - asked) * 1000)))
+            status = await self.call("wait_instance", instance_id=instance_id, timeout_ms=left)
+            if status["status"] in TERMINAL or deadline is not None and loop.time() >= deadline:
+                return status
+            if loop.time() - asked < left / 1000:  # answered early: the server is stopping; ask again soon
+                await asyncio.sleep(0.5)
 
     async def send_signal(self, instance_id: str, signal_type: str, payload: bytes = b"") -> dict:
         return await self.call("send_signal", instance_id=instance_id, signal_type=signal_type, payload=payload)
@@ -2455,6 +2826,7 @@ def build_cli():
     from rich.pretty import Pretty
     from rich.progress import Progress
     from rich.table import Table
+    from rich.text import Text
 
     app = typer.Typer(help="runtara-core: a durable execution engine.", no_args_is_help=True,
                       pretty_exceptions_enable=False, add_completion=False)
@@ -2465,7 +2837,7 @@ def build_cli():
     Limit = typer.Option(50, min=1, max=1000, help="How many rows at most")
 
     def fail(message: str) -> typer.Exit:
-        err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+        err.print(Text.assemble(("error:", "red"), " ", message), highlight=False)
         return typer.Exit(1)
 
     class Database:
@@ -2521,6 +2893,9 @@ def build_cli():
             table.add_row(c["checkpoint_id"], _format_ms(c["created_at_ms"]), _format_size(c["size"]))
         return table
 
+    def print_value(kind: str, value) -> None:
+        out.print(Text(value) if kind == "text" else Pretty(value))
+
     def payload_preview(payload: bytes | None) -> str:
         if not payload:
             return ""
@@ -2546,8 +2921,11 @@ def build_cli():
         max_concurrent_instances: int = typer.Option(None, help="[env RUNTARA_MAX_CONCURRENT_INSTANCES; default 32]"),
         sleep_inline_max_ms: int = typer.Option(None, help="[env RUNTARA_SLEEP_INLINE_MAX_MS; default 60000]"),
         heartbeat_timeout_ms: int = typer.Option(None, help="[env RUNTARA_HEARTBEAT_TIMEOUT_MS; default 120000]"),
-        launch: str = typer.Option(None, help="Command that relaunches due instances, split like a shell would"
-                                              " [env RUNTARA_LAUNCH_COMMAND]"),
+        launch: list[str] = typer.Option(None, help="Command that launches instances, split like a shell would;"
+                                                    " NAME=CMD for workflow NAME only (repeatable)"
+                                                    " [env RUNTARA_LAUNCH_COMMAND: the default command]"),
+        max_restarts: int = typer.Option(None, help="Relaunches of a dead run in a row without a new checkpoint"
+                                                    " [env RUNTARA_MAX_RESTARTS; default 5]"),
         launch_timeout_ms: int = typer.Option(None, help="[env RUNTARA_LAUNCH_TIMEOUT_MS; default 30000]"),
         launch_max_attempts: int = typer.Option(None, help="[env RUNTARA_LAUNCH_MAX_ATTEMPTS; default 5]"),
         wake_interval_ms: int = typer.Option(None, help="[env RUNTARA_WAKE_INTERVAL_MS; default 1000]"),
@@ -2562,11 +2940,13 @@ def build_cli():
         if log_level.upper() != "DEBUG":
             logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic says two lines per connection
         try:
+            launch_command, workflow_commands = parse_launch(launch or ())
             settings = Settings.from_env(database_url=database_url, host=host, port=port, tls_cert=tls_cert,
                                          tls_key=tls_key, insecure=insecure or None,
                                          max_concurrent_instances=max_concurrent_instances,
                                          sleep_inline_max_ms=sleep_inline_max_ms,
-                                         heartbeat_timeout_ms=heartbeat_timeout_ms, launch_command=launch,
+                                         heartbeat_timeout_ms=heartbeat_timeout_ms, launch_command=launch_command,
+                                         workflow_commands=workflow_commands or None, max_restarts=max_restarts,
                                          launch_timeout_ms=launch_timeout_ms, launch_max_attempts=launch_max_attempts,
                                          wake_interval_ms=wake_interval_ms, max_message_bytes=max_message_bytes,
                                          sqlite_synchronous=sqlite_synchronous and sqlite_synchronous.upper(),
@@ -2660,8 +3040,8 @@ def build_cli():
         kind, value = decode_state(state)
         if json:
             return emit_json({"checkpoint_id": checkpoint_id, "format": kind, "size": len(state), "value": value})
-        err.print(f"{checkpoint_id}: {_format_size(len(state))}, {kind}")
-        out.print(value if kind == "text" else Pretty(value))
+        err.print(f"{checkpoint_id}: {_format_size(len(state))}, {kind}", markup=False)
+        print_value(kind, value)
 
     @app.command()
     def events(instance_id: str, database_url: str = DatabaseUrl,
@@ -2682,8 +3062,67 @@ def build_cli():
         if signal_type not in SIGNAL_TYPES:
             raise fail(f"unknown signal {signal_type!r}: use cancel, pause or resume")
         with database(database_url) as db:
-            db.write(_send_signal, instance_id, signal_type, (payload or "").encode(), now_ms())
-        err.print(f"sent {signal_type} to {instance_id}")
+            sent = db.write(_send_signal, instance_id, signal_type, (payload or "").encode(), now_ms())
+        err.print(f"sent {signal_type} to {instance_id}; it is {sent['status']}", markup=False, highlight=False)
+
+    WAIT_EXIT = {"completed": 0, "failed": 3, "cancelled": 4}  # and 5: not finished at the timeout
+
+    def wait_for_end(db, instance_id: str, timeout: str | None) -> None:
+        """Poll the database until the instance is terminal or the timeout passes; print the output; exit."""
+        deadline = None if timeout is None else time.monotonic() + duration(timeout) / 1000
+        waiting = err.status(f"waiting for {instance_id}") if err.is_terminal else contextlib.nullcontext()
+        with waiting as spinner:
+            while True:
+                instance = db.read(_existing, instance_id)
+                if instance["status"] in TERMINAL or deadline is not None and time.monotonic() >= deadline:
+                    break
+                if spinner is not None:
+                    spinner.update(Text(f"waiting for {instance_id}: {instance['status']}"))
+                time.sleep(0.2)
+        status = instance["status"]
+        if status == "completed":
+            if instance["output"]:
+                print_value(*decode_state(instance["output"]))
+        elif status in TERMINAL:
+            err.print(Text(f"instance {instance_id} {status}" + (f": {instance['error']}" if instance["error"] else "")))
+        else:
+            err.print(Text(f"instance {instance_id} is still {status} after {timeout}"))
+        raise typer.Exit(WAIT_EXIT.get(status, 5))
+
+    @app.command()
+    def start(instance_id: str, tenant: str = typer.Option(..., help="The instance's tenant"),
+              workflow: str = typer.Option(None, help="Which workflow runs it (chooses the launch command)"
+                                                      " [default: default]"),
+              input: str = typer.Option(None, "--input", help="Text the instance gets as its input"),
+              input_file: Path = typer.Option(None, "--input-file", help="A file whose bytes are the input"),
+              wait: bool = typer.Option(False, "--wait", help="Wait for the end, as `wait` does"),
+              timeout: str = typer.Option(None, help="With --wait: give up after this long, like 30s or 5m"),
+              database_url: str = DatabaseUrl):
+        """Start an instance: the server launches it with its workflow's launch command."""
+        if input is not None and input_file is not None:
+            raise fail("give --input or --input-file, not both")
+        try:
+            data = input_file.read_bytes() if input_file is not None else (input or "").encode()
+            check_id(instance_id, "INSTANCE_ID")
+            check_id(tenant, "--tenant")
+            if workflow is not None:
+                check_id(workflow, "--workflow")
+        except (OSError, InvalidRequest) as exc:
+            raise fail(str(exc))
+        with database(database_url, create=True) as db:  # a start may come before the server made the database
+            started = db.write(_start_instance, instance_id, tenant, workflow, data, now_ms())
+            err.print(Text(f"{'started' if started['created'] else 'already started:'} {instance_id}"
+                           f" ({started['status']})"))
+            if wait:
+                wait_for_end(db, instance_id, timeout)
+
+    @app.command("wait")
+    def wait_command(instance_id: str, timeout: str = typer.Option(None, help="Give up after this long, like 30s"),
+                     database_url: str = DatabaseUrl):
+        """Wait until an instance ends and print its output. Exit code: 0 completed, 3 failed, 4 cancelled,
+        5 not finished at the timeout (1 for other errors)."""
+        with database(database_url) as db:
+            wait_for_end(db, instance_id, timeout)
 
     @app.command("custom-signal")
     def custom_signal(instance_id: str, checkpoint_id: str,
@@ -2737,19 +3176,29 @@ def build_cli():
 
     @app.command()
     def wakes(database_url: str = DatabaseUrl, limit: int = Limit, json: bool = Json):
-        """Suspended instances due to wake (their time has come, or a resume is pending)."""
+        """Instances waiting for a launch: pending ones, suspended ones whose time has come or that have a
+        resume, and runs whose process died; with any launch under way and the backoff before the next."""
+        now = now_ms()
         with database(database_url) as db:
-            due = db.read(Tx.due_wakes, now_ms(), limit)
+            due = db.read(Tx.launch_queue, now, limit)
         if json:
             return emit_json({"wakes": due})
-        now = now_ms()
-        table = Table("instance", "tenant", "checkpoint", "wake time", "launch lease", "attempts",
-                      title=f"{len(due)} instances due")
+        table = Table("instance", "tenant", "workflow", "checkpoint", "why", "launch", "attempts",
+                      title=f"{len(due)} instances waiting for a launch")
+
+        def why(d) -> str:
+            if d["status"] == "pending":
+                return "started"
+            if d["status"] == "running":
+                return f"process gone since {_format_ms(d['orphaned_at_ms'])}"
+            return f"woke at {_format_ms(d['sleep_until_ms'])}" if d["sleep_until_ms"] else "resume signal"
+
         for d in due:
-            lease = d["launch_lease_until_ms"]
-            table.add_row(d["instance_id"], d["tenant_id"], d["checkpoint_id"] or "-",
-                          _format_ms(d["sleep_until_ms"]) if d["sleep_until_ms"] else "resume signal",
-                          f"until {_format_ms(lease)}" if lease and lease > now else "-", str(d["launch_attempts"]))
+            lease, after = d["launch_lease_until_ms"], d["launch_after_ms"]
+            launch = (f"under way until {_format_ms(lease)}" if lease and lease > now else
+                      f"not before {_format_ms(after)}" if after and after > now else "-")
+            table.add_row(d["instance_id"], d["tenant_id"], d["workflow"], d["checkpoint_id"] or "-", why(d), launch,
+                          str(d["launch_attempts"]))
         out.print(table)
 
     @app.command()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import runtara_core as rc
-from conftest import addr, run
+from conftest import addr, free_udp_port, run, stop_server_process, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,3 +103,36 @@ def test_paused_workflow_resumes_from_its_checkpoint(server, workflow_file):
     assert resumed.returncode == 0, errors
     assert "fetching orders" not in output and "done: charged 42" in output
     assert flow.status()["status"] == "completed"
+
+
+def readme_block(language: str, containing: str) -> str:
+    blocks = re.findall(rf"```{language}\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return next(block for block in blocks if containing in block)
+
+
+def test_walkthrough_starts_waits_and_recovers_a_killed_run(tmp_path, workflow_file, database_url):
+    """The README's shell walk-through, run as written by bash: `serve --launch`, `start --wait`, a SIGKILLed
+    run that the server relaunches by itself, `wait`, `events`; then its Python `start`/`wait` example."""
+    (tmp_path / "runtara_core.py").symlink_to(ROOT / "runtara_core.py")
+    port = free_udp_port()
+    env = {**os.environ, "RUNTARA_QUIC_PORT": str(port), "RUNTARA_DATABASE_URL": database_url,
+           "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    walk = subprocess.run(["bash", "-c", readme_block("sh", 'serve --launch "python3 workflow.py"')], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=100)
+    assert walk.returncode == 0, walk.stdout + walk.stderr
+    out = walk.stdout
+    assert out.count("fetching orders") == 2, out + walk.stderr  # order-42, and order-43 once: not after the kill
+    assert out.count("charging") == 3 and out.count("done: charged 42") == 2, out
+    assert out.count("charged 42\n") >= 4  # the two waits print the output too
+    assert "restart" in out and "exited with code -9" in walk.stderr, out + walk.stderr
+
+    python = readme_block("python", "operator.start(").replace("127.0.0.1:8001", f"127.0.0.1:{port}")
+    server = subprocess.Popen([sys.executable, "runtara_core.py", "serve", "--launch", "python3 workflow.py"],
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        run(wait_ready(port, server))
+        example = subprocess.run([sys.executable, "-c", python], cwd=tmp_path, env=env, capture_output=True,
+                                 text=True, timeout=60)
+        assert example.returncode == 0 and example.stdout.strip() == "b'charged 42'", example.stdout + example.stderr
+    finally:
+        stop_server_process(server)

@@ -96,7 +96,8 @@ def test_deep_nesting_is_rejected_not_crashing():
 def test_parse_request_checks_every_field():
     op, fields, token = rc.parse_request({"op": "checkpoint", "instance_id": "i", "checkpoint_id": "c",
                                           "state": b"\x01", "unknown": 1, "token": "t"})
-    assert (op, fields, token) == ("checkpoint", {"instance_id": "i", "checkpoint_id": "c", "state": b"\x01"}, "t")
+    assert (op, fields, token) == ("checkpoint", {"instance_id": "i", "checkpoint_id": "c", "state": b"\x01",
+                                                  "run": None}, "t")
     assert rc.parse_request({"op": "list_instances", "status": None})[1]["status"] is None
 
 
