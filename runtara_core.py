@@ -1382,21 +1382,25 @@ def _retry_attempt(tx: Tx, instance_id, checkpoint_id, attempt_number, error_mes
 
 
 def _require_active(tx: Tx, instance_id: str) -> dict:
-    instance = _existing(tx, instance_id, lock=True)
+    instance = tx.get_run(instance_id)
+    if instance is None:
+        raise InstanceNotFound(f"no instance {instance_id}")
     if instance["status"] in TERMINAL:
         raise InvalidState(f"instance {instance_id} is {instance['status']}; it takes no more signals")
     return instance
 
 
 def _send_signal(tx: Tx, instance_id, signal_type, payload, now) -> dict:
-    """Store the signal for the instance's process, or apply it at once where no process is involved:
-    cancel of a pending or suspended instance, pause of a pending one. A pending cancel is never replaced."""
-    status = _require_active(tx, instance_id)["status"]
+    """Store the signal for the instance's process, or apply it at once where no process is involved: cancel
+    of a pending or suspended instance or of a dead run, pause of a pending one or of a dead run. A pending
+    cancel is never replaced."""
+    instance = _require_active(tx, instance_id)
+    status, process = instance["status"], instance["status"] == "running" and instance["orphaned_at_ms"] is None
     pending = tx.get_signal(instance_id)
     if pending is not None and pending["signal_type"] == "cancel" and signal_type != "cancel":
         raise InvalidState(f"instance {instance_id} has a pending cancel; it takes no {signal_type}")
     immediate = SIGNAL_EFFECTS.get(signal_type)
-    if immediate and status != "running" and status in immediate[1]:
+    if immediate and not process and status in immediate[1]:
         tx.delete_signal(instance_id)
         tx.transition(instance_id, immediate[0], (status,), now)
         tx.insert_event(instance_id, "signal", now, subtype=signal_type, payload=payload or None)
@@ -1506,8 +1510,11 @@ def _launch_ended(tx: Tx, claim: dict, pid: int | None, code: int | None, reason
     tx.insert_event(claim["instance_id"], "exited", now, payload=msgpack.packb({"pid": pid, "code": code, "run": began}))
     if instance["status"] in TERMINAL:
         return instance["status"]
+    if began is None and instance["launch_lease_until_ms"] is None:
+        return instance["status"]  # a pause or cancel called the launch off: nothing to charge
     if began is None:
         attempts = instance["launch_attempts"]
+        reason = reason if code is None else f"{reason} before registering"  # else it says so already
         tx.insert_event(claim["instance_id"], "launch_failed", now, payload=reason.encode())
         if attempts >= rules.max_launch_attempts:
             tx.transition(claim["instance_id"], "failed", ACTIVE, now,

@@ -26,9 +26,25 @@ def save(storage, instance_id, checkpoint_id, state, at):
     return w(storage, Tx.save_checkpoint, instance_id, checkpoint_id, state, at)["first"]
 
 
-def running(storage, instance_id="i-1", tenant_id="t-1", at=T0):
-    assert w(storage, Tx.create_instance, instance_id, tenant_id, at)
-    assert w(storage, Tx.start_instance, instance_id, tenant_id, at)
+def running(storage, instance_id="i-1", tenant_id="t-1", at=T0, workflow="default"):
+    """Create the instance and begin its first run."""
+    assert w(storage, Tx.create_instance, instance_id, tenant_id, at, workflow)
+    assert w(storage, Tx.begin_run, instance_id, at, None) == 1
+
+
+def register(storage, instance_id="i-1", tenant_id="t-1", at=T0, max_busy=32):
+    """Register the way register_instance does (no checkpoint, no run to re-attach): the answer."""
+    return w(storage, rc._register, instance_id, tenant_id, None, None, at, max_busy)
+
+
+def run_of(storage, instance_id="i-1"):
+    """The instance with its lifecycle columns (restarts, orphaned, lease, backoff, attempts)."""
+    return w(storage, Tx.get_run, instance_id)
+
+
+def lease(storage, instance_id, until):
+    w(storage, lambda tx: tx.rows("UPDATE instances SET launch_lease_until_ms = ? WHERE instance_id = ?",
+                                  until, instance_id))
 
 
 # -- opening and migrations ---------------------------------------------------------------------
@@ -109,20 +125,27 @@ def test_create_is_idempotent_and_keeps_the_first_tenant(storage):
     assert r(storage, Tx.get_instance, "nope") is None
 
 
-def test_start_stamps_the_first_start_only(storage):
+def test_a_run_stamps_the_first_start_only(storage):
     running(storage, at=T0)
     assert w(storage, Tx.transition, "i-1", "suspended", ("running",), T0 + 10)
-    assert w(storage, Tx.start_instance, "i-1", "t-1", T0 + 20)
+    assert w(storage, Tx.begin_run, "i-1", T0 + 20, T0 + 30) == 2
     instance = r(storage, Tx.get_instance, "i-1")
-    assert (instance["status"], instance["started_at_ms"], instance["heartbeat_at_ms"]) == ("running", T0, T0 + 20)
+    assert (instance["status"], instance["started_at_ms"], instance["heartbeat_at_ms"], instance["run"],
+            instance["sleep_until_ms"]) == ("running", T0, T0 + 20, 2, T0 + 30)
 
 
-def test_start_is_guarded_by_tenant_and_status(storage):
+def test_registration_is_guarded_by_tenant_and_status(storage):
+    # The guards moved from the old Tx.start_instance to the registration rule (_register); begin_run guards nothing.
     running(storage)
-    assert w(storage, Tx.start_instance, "i-1", "other", T0) is False
+    with pytest.raises(rc.TenantMismatch):
+        register(storage, "i-1", "other", T0)
+    assert r(storage, Tx.get_instance, "i-1")["run"] == 1  # nothing began
     assert w(storage, Tx.transition, "i-1", "completed", ("running",), T0 + 1, output=b"out")
-    assert w(storage, Tx.start_instance, "i-1", "t-1", T0 + 2) is False
-    assert r(storage, Tx.get_instance, "i-1")["status"] == "completed"
+    with pytest.raises(rc.InvalidState, match="completed"):
+        register(storage, "i-1", "t-1", T0 + 2)
+    instance = r(storage, Tx.get_instance, "i-1")
+    assert (instance["status"], instance["run"]) == ("completed", 1)
+    assert r(storage, Tx.count_events, "i-1") == 0
 
 
 def test_transition_guards(storage):
@@ -149,11 +172,18 @@ def test_heartbeat_and_stale_detection(storage):
     running(storage, "old", at=T0)
     running(storage, "fresh", at=T0)
     running(storage, "done", at=T0)
+    running(storage, "orphaned", at=T0)
     assert w(storage, Tx.touch_heartbeat, "fresh", T0 + 50_000)
     assert w(storage, Tx.touch_heartbeat, "nope", T0) is False
+    assert w(storage, Tx.touch_heartbeat, "old", T0 + 50_000, 0) is False   # not its run
+    assert w(storage, Tx.touch_heartbeat, "old", T0 + 50_000, 2) is False
     assert w(storage, Tx.transition, "done", "completed", ("running",), T0 + 1)
-    stale = w(storage, Tx.fail_stale, T0 + 10_000, T0 + 60_000)
-    assert stale == [("old", T0)]
+    assert w(storage, Tx.touch_heartbeat, "done", T0 + 50_000) is False  # finished
+    assert w(storage, Tx.orphan, "orphaned", T0 + 2, T0 + 2) == 1  # known dead already: not silent again
+    assert w(storage, Tx.silent_runs, T0 + 10_000) == [("old", T0)]
+    # A workflow without a launch command cannot be relaunched: a silent run fails it.
+    stale = w(storage, rc._recover_silent, T0 + 10_000, T0 + 60_000, rc.Recovery(5, 5, 1000, ()))
+    assert stale == [("old", "failed")]
     old = r(storage, Tx.get_instance, "old")
     assert old["status"] == "failed" and old["finished_at_ms"] == T0 + 60_000
     assert "stale" in old["error"] and "2023-11-14T22:13:20" in old["error"]
@@ -225,7 +255,7 @@ def test_a_checkpoint_saves_only_while_the_instance_runs_and_answers_what_waits_
     w(storage, Tx.create_instance, "i-1", "t-1", T0)
     assert w(storage, Tx.save_checkpoint, "i-1", "c", b"s", T0) is None  # pending, not running
     assert r(storage, Tx.count_checkpoints, "i-1") == 0
-    w(storage, Tx.start_instance, "i-1", "t-1", T0)
+    w(storage, Tx.begin_run, "i-1", T0, None)
     assert w(storage, Tx.save_checkpoint, "i-1", "c-1", b"s", T0 + 5) == {
         "first": None, "sleep_until_ms": None, "signal": None, "custom_waiting": False}
     assert r(storage, Tx.get_instance, "i-1")["heartbeat_at_ms"] == T0 + 5
@@ -349,18 +379,117 @@ def test_custom_signals_are_keyed_replaced_and_taken_once(storage):
 # -- sleep and wake -----------------------------------------------------------------------------
 
 
-def test_sleep_and_due_wakes(storage):
-    for name in ("due", "later", "resumed", "awake"):
+def test_sleep_and_the_launch_queue(storage):
+    for name in ("due", "later", "resumed", "awake", "paused-sleeper"):
         running(storage, name)
     w(storage, Tx.set_sleep, "due", T0 + 100)
     w(storage, Tx.set_sleep, "later", T0 + 10_000)
     w(storage, Tx.set_sleep, "awake", T0 + 50)
-    for name in ("due", "later", "resumed"):
+    w(storage, Tx.set_sleep, "paused-sleeper", T0 + 50)
+    for name in ("due", "later", "resumed", "paused-sleeper"):
         w(storage, Tx.transition, name, "suspended", ("running",), T0)
     w(storage, Tx.put_signal, "resumed", "resume", b"", T0)
-    assert sorted(i["instance_id"] for i in r(storage, Tx.due_wakes, T0 + 200)) == ["due", "resumed"]
-    w(storage, Tx.clear_sleep, "due")
-    assert [i["instance_id"] for i in r(storage, Tx.due_wakes, T0 + 200)] == ["resumed"]
+    w(storage, Tx.put_signal, "paused-sleeper", "pause", b"", T0)  # a pending pause: not due though its time passed
+    # a resumed paused instance counts as due at 0: first
+    assert [i["instance_id"] for i in r(storage, Tx.launch_queue, T0 + 200)] == ["resumed", "due"]
+    w(storage, Tx.clear_sleep, "due")  # suspended without a wake time: paused, it needs a resume
+    assert [i["instance_id"] for i in r(storage, Tx.launch_queue, T0 + 200)] == ["resumed"]
+    # the queue also holds pending instances and orphaned runs (the CLI's `wakes` shows it)
+    w(storage, Tx.create_instance, "new", "t-1", T0 + 150)
+    w(storage, Tx.orphan, "awake", T0 + 160, T0 + 160)
+    queue = r(storage, Tx.launch_queue, T0 + 200)
+    assert [(i["instance_id"], i["status"]) for i in queue] == [("resumed", "suspended"), ("new", "pending"),
+                                                                ("awake", "running")]
+    assert queue[2]["orphaned_at_ms"] == T0 + 160 and queue[2]["launch_after_ms"] == T0 + 160
+    assert [i["instance_id"] for i in r(storage, Tx.launch_queue, T0 + 200, 1)] == ["resumed"]
+
+
+# -- runs, slots and restarts ------------------------------------------------------------------
+
+
+def test_each_run_begins_with_a_clean_launch_state(storage):
+    w(storage, Tx.create_instance, "i-1", "t-1", T0)
+    assert r(storage, Tx.get_instance, "i-1")["run"] == 0  # no run before the first registration
+    [claim] = w(storage, Tx.claim_launches, T0, T0 + 1000, None, 10, 10)
+    assert (claim["run"], claim["launch_attempts"]) == (0, 1)
+    w(storage, Tx.end_launch, "i-1", T0 + 500)  # the launch died before registering
+    assert w(storage, Tx.claim_launches, T0 + 500, T0 + 1500, None, 10, 10)[0]["launch_attempts"] == 2
+    assert w(storage, Tx.begin_run, "i-1", T0 + 600, None) == 1
+    first = run_of(storage)
+    assert (first["status"], first["run"], first["started_at_ms"], first["heartbeat_at_ms"]) == \
+        ("running", 1, T0 + 600, T0 + 600)
+    assert (first["launch_lease_until_ms"], first["launch_after_ms"], first["launch_attempts"],
+            first["orphaned_at_ms"], first["restarts"]) == (None, None, 0, None, 0)
+    assert w(storage, Tx.orphan, "i-1", T0 + 700, T0 + 800) == 1
+    assert w(storage, Tx.claim_launches, T0 + 800, T0 + 1800, None, 10, 10)[0]["run"] == 1
+    assert w(storage, Tx.begin_run, "i-1", T0 + 900, T0 + 5000) == 2
+    second = run_of(storage)
+    assert (second["run"], second["started_at_ms"], second["heartbeat_at_ms"], second["sleep_until_ms"]) == \
+        (2, T0 + 600, T0 + 900, T0 + 5000)
+    assert (second["launch_lease_until_ms"], second["launch_after_ms"], second["launch_attempts"],
+            second["orphaned_at_ms"]) == (None, None, 0, None)
+    assert second["restarts"] == 1  # only a new checkpoint ends a run of restarts, not a registration
+    assert r(storage, Tx.launch_queue, T0 + 10_000) == []
+
+
+def test_count_busy_counts_running_instances_and_unexpired_launches(storage):
+    running(storage, "running")
+    running(storage, "orphaned")
+    w(storage, Tx.orphan, "orphaned", T0, T0)  # its process is gone, but it keeps its slot until relaunched
+    for name in ("pending", "leased-pending"):
+        w(storage, Tx.create_instance, name, "t-1", T0)
+    for name in ("suspended", "leased-suspended", "completed"):
+        running(storage, name)
+    for name in ("suspended", "leased-suspended"):
+        w(storage, Tx.transition, name, "suspended", ("running",), T0)
+    w(storage, Tx.transition, "completed", "completed", ("running",), T0)
+    for name in ("leased-pending", "leased-suspended", "completed"):
+        lease(storage, name, T0 + 100)
+    assert r(storage, Tx.count_busy, T0 + 99) == 4
+    assert r(storage, Tx.count_busy, T0 + 100) == 2  # a lease that ran out holds nothing
+    assert r(storage, Tx.count_running) == 2
+
+
+def test_a_reserved_launch_registers_beyond_capacity_and_others_wait(storage):
+    running(storage, "busy")
+    for name in ("claimed", "unclaimed"):
+        w(storage, Tx.create_instance, name, "t-1", T0)
+    claims = w(storage, Tx.claim_launches, T0, T0 + 1000, None, 2, 10)
+    assert [c["instance_id"] for c in claims] == ["claimed"]  # one free slot
+    assert r(storage, Tx.count_busy, T0 + 5) == 2
+    with pytest.raises(rc.Overloaded):
+        register(storage, "unclaimed", at=T0 + 5, max_busy=2)
+    assert register(storage, "claimed", at=T0 + 5, max_busy=2)["run"] == 1  # its slot was reserved
+    assert r(storage, Tx.count_busy, T0 + 5) == 2
+    claimed = run_of(storage, "claimed")
+    assert (claimed["status"], claimed["launch_lease_until_ms"], claimed["launch_attempts"]) == ("running", None, 0)
+
+
+def test_a_checkpoint_of_a_superseded_run_is_refused(storage):
+    running(storage)
+    assert w(storage, Tx.save_checkpoint, "i-1", "c-1", b"a", T0 + 1, 1)["first"] is None
+    assert w(storage, Tx.begin_run, "i-1", T0 + 2, None) == 2  # another process took over
+    assert w(storage, Tx.save_checkpoint, "i-1", "c-2", b"b", T0 + 3, 1) is None  # the old run's process
+    assert w(storage, Tx.save_checkpoint, "i-1", "c-2", b"b", T0 + 3, 3) is None  # a run not begun
+    instance = r(storage, Tx.get_instance, "i-1")
+    assert (instance["checkpoint_id"], instance["heartbeat_at_ms"]) == ("c-1", T0 + 2)  # nothing changed
+    assert r(storage, Tx.count_checkpoints, "i-1") == 1
+    assert w(storage, Tx.save_checkpoint, "i-1", "c-2", b"b", T0 + 4, 2)["first"] is None
+    assert w(storage, Tx.save_checkpoint, "i-1", "c-3", b"c", T0 + 5)["first"] is None  # no run given: any
+    assert r(storage, Tx.count_checkpoints, "i-1") == 3
+
+
+def test_a_new_checkpoint_ends_a_run_of_restarts(storage):
+    running(storage)
+    save(storage, "i-1", "c-1", b"a", T0)
+    for n in (1, 2):
+        assert w(storage, Tx.orphan, "i-1", T0 + n, T0 + n) == n
+        w(storage, Tx.begin_run, "i-1", T0 + n, None)
+    assert save(storage, "i-1", "c-1", b"replayed", T0 + 3) == b"a"
+    assert run_of(storage)["restarts"] == 2  # a replayed checkpoint is no progress
+    assert save(storage, "i-1", "c-2", b"b", T0 + 4) is None
+    assert run_of(storage)["restarts"] == 0
+    assert w(storage, Tx.orphan, "i-1", T0 + 5, T0 + 5) == 1
 
 
 def test_health_and_size(storage):
