@@ -109,6 +109,7 @@ class Settings:
     launch_timeout_ms: int = 30_000
     launch_max_attempts: int = 5
     max_restarts: int = 5
+    executor: str = "local"  # the name in-process runs are claimed under: one live process per name
     sqlite_synchronous: str = "FULL"
     event_loop: str = "auto"  # what `serve` runs on: uvloop when installed ("auto"), or "uvloop", "asyncio"
 
@@ -131,6 +132,7 @@ class Settings:
             launch_timeout_ms=_env_int(env, "RUNTARA_LAUNCH_TIMEOUT_MS", 30_000),
             launch_max_attempts=_env_int(env, "RUNTARA_LAUNCH_MAX_ATTEMPTS", 5),
             max_restarts=_env_int(env, "RUNTARA_MAX_RESTARTS", 5),
+            executor=env.get("RUNTARA_EXECUTOR") or "local",
             sqlite_synchronous=(env.get("RUNTARA_SQLITE_SYNCHRONOUS") or "FULL").upper(),
             event_loop=(env.get("RUNTARA_EVENT_LOOP") or "auto").lower(),
         )
@@ -428,13 +430,14 @@ OPERATIONS: dict[str, dict[str, tuple[Callable, bool]]] = {
     "start_instance": {**_instance, "tenant_id": (check_id, REQUIRED), "workflow": (check_id, OPTIONAL),
                        "input": (check_bin, OPTIONAL)},
     "wait_instance": {**_instance, "timeout_ms": (check_wait, REQUIRED)},
+    "fork_instance": {**_instance, "new_instance_id": (check_id, REQUIRED), "checkpoint_id": (check_id, OPTIONAL)},
     "send_signal": {**_instance, "signal_type": (one_of(SIGNAL_TYPES), REQUIRED), "payload": (check_bin, OPTIONAL)},
     "send_custom_signal": {**_instance, "checkpoint_id": (check_id, REQUIRED), "payload": (check_bin, OPTIONAL)},
     "list_instances": {"tenant_id": (check_id, OPTIONAL), "status": (one_of(STATUSES), OPTIONAL), **_paging},
     "list_checkpoints": {**_instance, **_paging},
     "list_events": {**_instance, "event_type": (check_text, OPTIONAL), "subtype": (check_text, OPTIONAL), **_paging},
 }
-OPERATOR_OPERATIONS = frozenset(("health_check", "start_instance", "wait_instance", "send_signal",
+OPERATOR_OPERATIONS = frozenset(("health_check", "start_instance", "wait_instance", "fork_instance", "send_signal",
                                  "send_custom_signal", "list_instances", "list_checkpoints", "list_events"))
 
 
@@ -575,11 +578,13 @@ class Tx:
         return self.value("SELECT input FROM instances WHERE instance_id = ?", instance_id)
 
     def begin_run(self, instance_id: str, now: int, sleep_until: int | None) -> int:
-        """Make the instance running under a new run, ending any launch lease or orphaned mark; the new run."""
+        """Make the instance running under a new run, ending any launch lease or orphaned mark; the new run.
+        The run belongs to the executor of the launch whose reservation it takes, else to none."""
         return self.value("UPDATE instances SET status = 'running', started_at_ms = COALESCE(started_at_ms, ?),"
                           " heartbeat_at_ms = ?, run = run + 1, sleep_until_ms = ?, launch_lease_until_ms = NULL,"
-                          " launch_after_ms = NULL, launch_attempts = 0, orphaned_at_ms = NULL"
-                          " WHERE instance_id = ? RETURNING run", now, now, sleep_until, instance_id)
+                          " launch_after_ms = NULL, launch_attempts = 0, orphaned_at_ms = NULL,"
+                          " executor = CASE WHEN launch_lease_until_ms > ? THEN executor END"
+                          " WHERE instance_id = ? RETURNING run", now, now, sleep_until, now, instance_id)
 
     def transition(self, instance_id: str, to_status: str, from_statuses: tuple, now: int,
                    output: bytes | None = None, error: str | None = None, run: int | None = None) -> bool:
@@ -704,6 +709,21 @@ class Tx:
                          " ORDER BY id DESC LIMIT ? OFFSET ?", instance_id, limit, offset)
         return [{"checkpoint_id": c, "created_at_ms": t, "size": s} for c, t, s in rows]
 
+    def checkpoint_order(self, instance_id: str, checkpoint_id: str) -> int | None:
+        """Where the checkpoint stands in its instance's saving order (a larger number was saved later)."""
+        return self.value("SELECT id FROM checkpoints WHERE instance_id = ? AND checkpoint_id = ?",
+                          instance_id, checkpoint_id)
+
+    def copy_checkpoints(self, source: str, target: str, up_to: int | None) -> str | None:
+        """Copy the source's checkpoints saved up to `up_to` (all when None) to `target`, in saving order, and
+        make the last one the target's latest; its id, or None when there was none."""
+        self.rows("INSERT INTO checkpoints (instance_id, checkpoint_id, state, created_at_ms)"
+                  " SELECT ?, checkpoint_id, state, created_at_ms FROM checkpoints WHERE instance_id = ?"
+                  " AND id <= COALESCE(?, id) ORDER BY id", target, source, up_to)
+        return self.value("UPDATE instances SET checkpoint_id = (SELECT checkpoint_id FROM checkpoints"
+                          " WHERE instance_id = ? ORDER BY id DESC LIMIT 1) WHERE instance_id = ? RETURNING checkpoint_id",
+                          target, target)
+
     def count_checkpoints(self, instance_id: str | None = None) -> int:
         where, args = _filters(instance_id=instance_id)
         return self.value("SELECT count(*) FROM checkpoints" + where, *args)
@@ -782,29 +802,40 @@ class Tx:
         return [dict(zip(QUEUE_COLUMNS, row)) for row in rows]
 
     def claim(self, waiting: str, args: tuple, now: int, lease_until: int, workflows: tuple | None,
-              limit: int) -> list[dict]:
+              limit: int, in_process: tuple = (), executor: str | None = None) -> list[dict]:
         """Claim up to `limit` instances matching `waiting` (with `args`) whose backoff has passed and that no
-        unexpired launch lease holds, of `workflows` (None: any), leasing them until `lease_until`.
+        unexpired launch lease holds, of `workflows` (None: any), leasing them until `lease_until`; those of
+        the `in_process` workflows are claimed for `executor`.
 
         Atomic: servers sharing a database never claim the same instance while its lease lasts."""
         if limit <= 0 or workflows == ():
             return []
         of_workflows = "" if workflows is None else f" AND workflow IN ({', '.join('?' * len(workflows))})"
-        rows = self.rows("UPDATE instances SET launch_lease_until_ms = ?, launch_attempts = launch_attempts + 1"
+        claimed_by = f"CASE WHEN workflow IN ({', '.join('?' * len(in_process))}) THEN ? END" if in_process else "NULL"
+        rows = self.rows("UPDATE instances SET launch_lease_until_ms = ?, launch_attempts = launch_attempts + 1,"
+                         " executor = " + claimed_by +
                          " WHERE instance_id IN (SELECT instance_id FROM instances WHERE " + waiting
                          + " AND (launch_lease_until_ms IS NULL OR launch_lease_until_ms <= ?)"
                          " AND (launch_after_ms IS NULL OR launch_after_ms <= ?)" + of_workflows + self._DUE_ORDER
                          + " LIMIT ?" + self.dialect.skip_locked + ") RETURNING " + ", ".join(CLAIM_COLUMNS),
-                         lease_until, *args, now, now, *(workflows or ()), limit)
+                         lease_until, *(in_process and (*in_process, executor)), *args, now, now, *(workflows or ()),
+                         limit)
         return [dict(zip(CLAIM_COLUMNS, row)) for row in rows]
 
     def claim_launches(self, now: int, lease_until: int, workflows: tuple | None, max_busy: int,
-                       limit: int) -> list[dict]:
+                       limit: int, in_process: tuple = (), executor: str | None = None) -> list[dict]:
         """Claim what to launch now: orphaned runs first, then due instances while slots are free."""
         self.lock_capacity()
-        orphans = self.claim(self._ORPHANED, (), now, lease_until, workflows, limit)
+        orphans = self.claim(self._ORPHANED, (), now, lease_until, workflows, limit, in_process, executor)
         free = min(max_busy - self.count_busy(now), limit - len(orphans))
-        return orphans + self.claim(self._DUE, (now,), now, lease_until, workflows, free)
+        return orphans + self.claim(self._DUE, (now,), now, lease_until, workflows, free, in_process, executor)
+
+    def executor_runs(self, executor: str) -> list[str]:
+        """The instances whose current run or launch under way belongs to `executor`."""
+        return [row[0] for row in self.rows(
+            "SELECT instance_id FROM instances WHERE executor = ? AND (status = 'running' AND orphaned_at_ms IS NULL"
+            " OR status IN ('pending', 'suspended') AND launch_lease_until_ms IS NOT NULL) ORDER BY instance_id",
+            executor)]
 
     def end_launch(self, instance_id: str, launch_after: int | None) -> None:
         """The launch under way ended without a run: free its slot; launch again after `launch_after`."""
@@ -1425,6 +1456,22 @@ def _start_instance(tx: Tx, instance_id, tenant_id, workflow, input, now) -> dic
     return {"instance_id": instance_id, "status": instance["status"], "created": created}
 
 
+def _fork_instance(tx: Tx, instance_id, new_instance_id, checkpoint_id, now) -> dict:
+    """A new pending instance that replays the source's steps up to `checkpoint_id` (all when None) from
+    copies of their checkpoints, then runs the rest: restart from a good step."""
+    source = _existing(tx, instance_id)
+    up_to = None if checkpoint_id is None else tx.checkpoint_order(instance_id, checkpoint_id)
+    if checkpoint_id is not None and up_to is None:
+        raise CheckpointNotFound(f"instance {instance_id} has no checkpoint {checkpoint_id}")
+    if not tx.create_instance(new_instance_id, source["tenant_id"], now, source["workflow"], tx.get_input(instance_id)):
+        raise InvalidRequest(f"instance {new_instance_id} exists already; a fork needs a new id")
+    latest = tx.copy_checkpoints(instance_id, new_instance_id, up_to)
+    tx.insert_event(instance_id, "forked", now, subtype=new_instance_id, checkpoint_id=checkpoint_id)
+    tx.insert_event(new_instance_id, "forked_from", now, subtype=instance_id, checkpoint_id=checkpoint_id)
+    return _compact({"instance_id": new_instance_id, "status": "pending", "checkpoint_id": latest,
+                     "checkpoints": tx.count_checkpoints(new_instance_id)})
+
+
 def _list_instances(tx: Tx, tenant_id, status, limit, offset) -> dict:
     instances = tx.list_instances(tenant_id=tenant_id, status=status, limit=limit or 100, offset=offset or 0)
     return {"instances": [_status_map(instance, with_output=False) for instance in instances],
@@ -1498,6 +1545,20 @@ def _recover_silent(tx: Tx, cutoff: int, now: int, rules: Recovery) -> list[tupl
     return recovered
 
 
+def _recover_executor(tx: Tx, executor: str, now: int, rules: Recovery) -> list[tuple[str, str]]:
+    """`executor` starts: the runs and launches it held died with its last process. [(instance_id, status)]"""
+    recovered = []
+    for instance_id in tx.executor_runs(executor):
+        instance = tx.get_run(instance_id)
+        if instance["status"] == "running":
+            status = _orphaned(tx, instance, f"its worker {executor!r} stopped", now, rules)
+        else:
+            tx.end_launch(instance_id, None)
+            status = instance["status"]
+        recovered.append((instance_id, status))
+    return recovered
+
+
 def _launch_ended(tx: Tx, claim: dict, pid: int | None, code: int | None, reason: str, now: int,
                   rules: Recovery) -> str | None:
     """A launched process ended (`code` None: it never started, or the server killed it). Charged only to
@@ -1543,8 +1604,7 @@ class Core:
         self.clock = clock
         self.started = time.monotonic()
         self.admin_token = admin_token(self.settings.secret) if self.settings.secret else None
-        self.rules = Recovery(self.settings.launch_max_attempts, self.settings.max_restarts,
-                              max(self.settings.wake_interval_ms, 10), self.settings.launched_workflows)
+        self.launched = self.settings.launched_workflows  # what has a launcher here; a Scheduler sets it
         self._waiters: dict[str, set[asyncio.Future]] = {}  # wait_instance requests, by instance
         self.closing = False
 
@@ -1682,6 +1742,9 @@ class Core:
                     if not waiters:
                         del self._waiters[instance_id]
 
+    async def fork_instance(self, instance_id, new_instance_id, checkpoint_id):
+        return await self._write(_fork_instance, instance_id, new_instance_id, checkpoint_id, self.clock())
+
     async def send_signal(self, instance_id, signal_type, payload):
         return await self._write(_send_signal, instance_id, signal_type, payload or b"", self.clock())
 
@@ -1698,13 +1761,19 @@ class Core:
     async def list_events(self, instance_id, event_type, subtype, limit, offset):
         return await self._read(_list_events, instance_id, event_type, subtype, limit, offset)
 
-    # -- the scheduler (section 5): it decides, a launcher runs ---------------------------------
+    # -- the scheduler's rules (section 5): a Scheduler drives them, launchers run what they decide ----------
 
-    async def claim_launches(self, limit: int = 32) -> list[dict]:
+    @property
+    def rules(self) -> Recovery:
+        settings = self.settings
+        return Recovery(settings.launch_max_attempts, settings.max_restarts, max(settings.wake_interval_ms, 10),
+                        self.launched)
+
+    async def claim_launches(self, limit: int = 32, in_process: tuple = (), executor: str | None = None) -> list[dict]:
         """Claim the instances to launch now, within the concurrency limit (see Tx.claim_launches)."""
         now = self.clock()
-        return await self._write(Tx.claim_launches, now, now + self.settings.launch_timeout_ms,
-                                 self.rules.workflows, self.settings.max_concurrent_instances, limit)
+        return await self._write(Tx.claim_launches, now, now + self.settings.launch_timeout_ms, self.launched,
+                                 self.settings.max_concurrent_instances, limit, in_process, executor)
 
     async def record_launch(self, claim: dict, pid: int) -> None:
         await self._write(Tx.insert_event, claim["instance_id"], "launched", self.clock(), None, None,
@@ -1728,6 +1797,73 @@ class Core:
             log.warning("instance %s went silent; it is now %s", instance_id, status)
         self.changed(*(instance_id for instance_id, _ in recovered))
         return recovered
+
+    async def recover_executor(self, executor: str) -> list[tuple[str, str]]:
+        recovered = await self._write(_recover_executor, executor, self.clock(), self.rules)
+        for instance_id, status in recovered:
+            log.warning("instance %s was running in worker %r when it stopped; it is now %s", instance_id, executor,
+                        status)
+        self.changed(*(instance_id for instance_id, _ in recovered))
+        return recovered
+
+
+class Scheduler:
+    """Drives the rules above: at start and every wake interval (or sooner when poked) it recovers silent
+    runs and claims what waits for a launch, then hands each claim to the launcher of its workflow.
+
+    A launcher has `workflows` (a tuple of names, or None for any workflow without a launcher of its own),
+    `in_process` (True when its runs live in this process) and `async launch(claim)`, which runs the claim
+    to its end and reports it with Core.launch_ended. With `executor`, in-process runs are claimed under
+    that name, and the runs it held when its last process stopped are recovered first."""
+
+    def __init__(self, core: Core, launchers: list, executor: str | None = None):
+        self.core, self.launchers, self.executor = core, launchers, executor
+        self.in_process = tuple(name for launcher in launchers if launcher.in_process for name in launcher.workflows)
+        named = {name for launcher in launchers if launcher.workflows is not None for name in launcher.workflows}
+        core.launched = None if any(launcher.workflows is None for launcher in launchers) else tuple(sorted(named))
+        self.tasks: set[asyncio.Task] = set()  # launches under way
+        self._poked = asyncio.Event()
+        self._loop: asyncio.Task | None = None
+
+    def launcher_for(self, workflow: str):
+        named = [launcher for launcher in self.launchers if launcher.workflows and workflow in launcher.workflows]
+        return (named or [launcher for launcher in self.launchers if launcher.workflows is None])[0]
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop().create_task(self._run())
+
+    def poke(self) -> None:
+        """Look for work now rather than at the next interval (something was just started)."""
+        self._poked.set()
+
+    async def _run(self):
+        interval = max(self.core.settings.wake_interval_ms, 10) / 1000
+        if self.executor is not None:
+            await self.core.recover_executor(self.executor)
+        while True:
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("scheduler tick failed")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await within(self._poked.wait(), interval)
+            self._poked.clear()
+
+    async def tick(self) -> None:
+        await self.core.recover_silent()
+        if self.launchers:
+            for claim in await self.core.claim_launches(in_process=self.in_process, executor=self.executor):
+                task = asyncio.get_running_loop().create_task(self.launcher_for(claim["workflow"]).launch(claim))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+
+    async def stop(self) -> None:
+        """Stop deciding, and stop watching launches; in-process runs are cancelled (their process stops)."""
+        tasks = {task for task in (self._loop, *self.tasks) if task is not None}
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
 
 
 # =============================================================================================
@@ -1939,18 +2075,70 @@ def _server_protocol():
     return ServerProtocol
 
 
+class ProcessLauncher:
+    """Runs a claimed instance as a process: its workflow's launch command, in a process group of its own,
+    watched until it exits (PROTOCOL.md section 5). Launched processes outlive the server."""
+
+    in_process = False
+
+    def __init__(self, core: Core, address: tuple[str, int]):
+        self.core, self.settings = core, core.settings
+        self.workflows = self.settings.launched_workflows
+        host, port = address
+        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        self.server_addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def environment(self, claim: dict) -> dict[str, str]:
+        """The launched process's environment: ours, less the secrets, plus what the instance needs."""
+        env = {k: v for k, v in os.environ.items() if k not in ("RUNTARA_SECRET", "RUNTARA_DATABASE_URL")}
+        env.update(RUNTARA_INSTANCE_ID=claim["instance_id"], RUNTARA_TENANT_ID=claim["tenant_id"],
+                   RUNTARA_WORKFLOW=claim["workflow"], RUNTARA_SERVER_ADDR=self.server_addr)
+        env.pop("RUNTARA_CHECKPOINT_ID", None)
+        if claim["checkpoint_id"]:
+            env["RUNTARA_CHECKPOINT_ID"] = claim["checkpoint_id"]
+        if self.settings.secret:
+            env["RUNTARA_INSTANCE_TOKEN"] = instance_token(self.settings.secret, claim["tenant_id"],
+                                                           claim["instance_id"])
+        return env
+
+    async def launch(self, claim: dict) -> None:
+        """Run the workflow's command and watch it until it exits: it must register within the launch
+        timeout, and its exit is reported either way."""
+        argv = shlex.split(self.settings.command_for(claim["workflow"]))
+        try:
+            process = await asyncio.create_subprocess_exec(*argv, env=self.environment(claim),
+                                                           stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            await self.core.launch_ended(claim, None, None, f"could not start {argv[0]!r}: {exc.strerror}")
+            return
+        log.info("launched instance %s (attempt %d, pid %d)", claim["instance_id"], claim["launch_attempts"],
+                 process.pid)
+        await self.core.record_launch(claim, process.pid)
+        exited = asyncio.ensure_future(process.wait())
+        done, _ = await asyncio.wait({exited}, timeout=self.settings.launch_timeout_ms / 1000)
+        if not done and await self.core.still_launching(claim):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal_module.SIGKILL)
+            await exited
+            reason = f"did not register within {self.settings.launch_timeout_ms} ms and was killed"
+            await self.core.launch_ended(claim, process.pid, None, reason)
+            return
+        code = await exited
+        await self.core.launch_ended(claim, process.pid, code, f"exited with code {code}")
+
+
 class Server:
     """The QUIC server over a storage: `await start()`, `await stop()`; `run()` until a signal."""
 
-    def __init__(self, settings: Settings | None = None, storage: Storage | None = None):
+    def __init__(self, settings: Settings | None = None, storage: Storage | None = None, worker=None):
         self.settings = settings or Settings.from_env()
         self.storage = storage
         self._owns_storage = storage is None
+        self.worker = worker  # a Worker whose workflows run in this process, beside launched processes
         self.core: Core | None = None
+        self.scheduler: Scheduler | None = None
         self._quic = None
         self._tasks: set[asyncio.Task] = set()
-        self._background: list[asyncio.Task] = []
-        self._launches: set[asyncio.Task] = set()  # watchers of launched processes, which outlive the server
         self.buffered = 0  # bytes of unfinished requests held by all connections
 
     @property
@@ -1986,7 +2174,11 @@ class Server:
             await self.stop()
             raise OSError(exc.errno, f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
         self._enlarge_receive_buffer()
-        self._background.append(asyncio.get_running_loop().create_task(self._scheduler()))
+        launchers = [ProcessLauncher(self.core, self.address)] if settings.launched_workflows != () else []
+        if self.worker is not None:
+            launchers.append(self.worker.bind(self.core))
+        self.scheduler = Scheduler(self.core, launchers, settings.executor if self.worker is not None else None)
+        self.scheduler.start()
         host, port = self.address
         log.info("runtara-core %s listening on %s:%d (QUIC, ALPN %s, %s loop), database %s", __version__, host, port,
                  ALPN, type(asyncio.get_running_loop()).__module__.split(".")[0], _redact(settings.database_url))
@@ -2005,72 +2197,14 @@ class Server:
             log.warning("the UDP receive buffer is %d KiB, not the %d KiB asked for; under load packets may be"
                         " dropped (raise net.core.rmem_max)", granted // 1024, self.RECEIVE_BUFFER // 1024)
 
-    async def _scheduler(self):
-        """Every wake interval: recover silent runs; with launch commands, launch what waits for one."""
-        interval = max(self.settings.wake_interval_ms, 10) / 1000
-        launches = self.settings.launched_workflows != ()
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.core.recover_silent()
-                if launches:
-                    for claim in await self.core.claim_launches():
-                        self._launches.add(asyncio.get_running_loop().create_task(self._launch(claim)))
-                    self._launches = {task for task in self._launches if not task.done()}
-            except Exception:
-                log.exception("wake scheduler tick failed")
-
-    def launch_environment(self, claim: dict) -> dict[str, str]:
-        """The launched process's environment: ours, less the secrets, plus what the instance needs."""
-        env = {k: v for k, v in os.environ.items() if k not in ("RUNTARA_SECRET", "RUNTARA_DATABASE_URL")}
-        host, port = self.address
-        host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        env.update(RUNTARA_INSTANCE_ID=claim["instance_id"], RUNTARA_TENANT_ID=claim["tenant_id"],
-                   RUNTARA_WORKFLOW=claim["workflow"],
-                   RUNTARA_SERVER_ADDR=f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        env.pop("RUNTARA_CHECKPOINT_ID", None)
-        if claim["checkpoint_id"]:
-            env["RUNTARA_CHECKPOINT_ID"] = claim["checkpoint_id"]
-        if self.settings.secret:
-            env["RUNTARA_INSTANCE_TOKEN"] = instance_token(self.settings.secret, claim["tenant_id"],
-                                                           claim["instance_id"])
-        return env
-
-    async def _launch(self, claim: dict) -> None:
-        """Run the workflow's command for one claimed instance, in a process group of its own, and watch it
-        until it exits: it must register within the launch timeout, and its exit is reported either way."""
-        argv = shlex.split(self.settings.command_for(claim["workflow"]))
-        try:
-            process = await asyncio.create_subprocess_exec(*argv, env=self.launch_environment(claim),
-                                                           stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
-        except OSError as exc:
-            await self.core.launch_ended(claim, None, None, f"could not start {argv[0]!r}: {exc.strerror}")
-            return
-        log.info("launched instance %s (attempt %d, pid %d)", claim["instance_id"], claim["launch_attempts"],
-                 process.pid)
-        await self.core.record_launch(claim, process.pid)
-        exited = asyncio.ensure_future(process.wait())
-        done, _ = await asyncio.wait({exited}, timeout=self.settings.launch_timeout_ms / 1000)
-        if not done and await self.core.still_launching(claim):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal_module.SIGKILL)
-            await exited
-            reason = f"did not register within {self.settings.launch_timeout_ms} ms and was killed"
-            await self.core.launch_ended(claim, process.pid, None, reason)
-            return
-        code = await exited
-        await self.core.launch_ended(claim, process.pid, code, f"exited with code {code}")
-
     async def stop(self) -> None:
         """Answer what is in flight, close connections and the database (checkpointing the WAL).
         Launched processes live on; a server that starts again finds them by their heartbeats."""
         if self.core is not None:
             self.core.close()
-        for task in (*self._background, *self._launches):
-            task.cancel()
-        await asyncio.gather(*self._background, *self._launches, return_exceptions=True)
-        self._background.clear()
-        self._launches.clear()
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+            self.scheduler = None
         if self._tasks:
             done, pending = await asyncio.wait(set(self._tasks), timeout=10)
             for task in pending:
@@ -2114,18 +2248,18 @@ def uvloop_for(settings: Settings):
     return uvloop
 
 
-def run_server(settings: Settings) -> None:
+def run_server(settings: Settings, worker=None) -> None:
     """Serve until SIGINT or SIGTERM on the event loop the settings choose: what `serve` does."""
     uvloop = uvloop_for(settings)
-    (uvloop.run if uvloop else asyncio.run)(Server(settings).run())
+    (uvloop.run if uvloop else asyncio.run)(Server(settings, worker=worker).run())
 
 
 class ServerThread:
     """A Server on its own event loop in a background thread, for programs that are not asyncio:
     `with ServerThread(settings) as server: ... server.address ...`."""
 
-    def __init__(self, settings: Settings | None = None, storage: Storage | None = None):
-        self.server = Server(settings, storage)
+    def __init__(self, settings: Settings | None = None, storage: Storage | None = None, worker=None):
+        self.server = Server(settings, storage, worker)
         uvloop = uvloop_for(self.server.settings)
         self._loop = (uvloop.new_event_loop if uvloop else asyncio.new_event_loop)()
         self._thread = threading.Thread(target=self._loop.run_forever, name="runtara-server", daemon=True)
@@ -2380,6 +2514,8 @@ class EmbeddedTransport:
         return cls(Core(storage, settings), owns_storage=True)
 
     async def request(self, message: dict) -> dict:
+        if self.core.admin_token and "token" not in message:  # this process holds the database: it is trusted
+            message = {**message, "token": self.core.admin_token}
         return await self.core.dispatch(message, self.session)
 
     async def close(self):
@@ -2696,6 +2832,12 @@ class Client(_Caller):
         return await self.call("start_instance", instance_id=instance_id, tenant_id=tenant_id, input=input,
                                workflow=workflow)
 
+    async def fork(self, instance_id: str, new_instance_id: str, checkpoint_id: str | None = None) -> dict:
+        """A new pending instance that replays `instance_id`'s checkpoints up to `checkpoint_id` (all when None)
+        and runs the steps after: {instance_id, status, checkpoint_id?, checkpoints}."""
+        return await self.call("fork_instance", instance_id=instance_id, new_instance_id=new_instance_id,
+                               checkpoint_id=checkpoint_id)
+
     async def wait(self, instance_id: str, timeout: float | None = None) -> dict:
         """The instance's status map once it is terminal, or at `timeout` seconds (None: no limit)."""
         loop = asyncio.get_running_loop()
@@ -2727,6 +2869,132 @@ class Client(_Caller):
                           limit: int | None = None, offset: int | None = None) -> dict:
         return await self.call("list_events", instance_id=instance_id, event_type=event_type, subtype=subtype,
                                limit=limit, offset=offset)
+
+
+def _output(result) -> bytes:
+    """A workflow function's return value as the instance's output: bytes as they are, None as nothing,
+    anything else msgpack-encoded."""
+    if result is None:
+        return b""
+    return bytes(result) if isinstance(result, (bytes, bytearray)) else msgpack.packb(result)
+
+
+class Worker:
+    """Runs workflows in this process: `@worker.workflow("name")` registers `async def fn(instance)`, and
+    while the worker runs (`async with worker:` or `await worker.run()`) it does what the server's scheduler
+    does with launch commands, on the same database and under the same rules (PROTOCOL.md section 5): it
+    runs pending instances of its workflows, wakes due sleepers, lets resumed instances carry on, and
+    relaunches dead runs, each as a task with an Instance over the embedded backend, within
+    RUNTARA_MAX_CONCURRENT_INSTANCES. Started again after a crash or power loss, it carries on the runs
+    its last process held, from their last checkpoint.
+
+    A workflow function's return value is the instance's output (see _output) unless it reported the end
+    itself; an exception that escapes it fails the instance. `executor` names this worker's runs (default
+    RUNTARA_EXECUTOR, else "local"): workers on one database need names of their own."""
+
+    in_process = True
+
+    def __init__(self, database: str | Storage | None = None, *, settings: Settings | None = None,
+                 executor: str | None = None):
+        url = database if isinstance(database, str) else None
+        self.settings = settings or Settings.from_env(database_url=url)
+        self.executor = executor or self.settings.executor
+        self._storage = database if isinstance(database, Storage) else None
+        self.functions: dict[str, Callable] = {}
+        self.core: Core | None = None
+        self.client: Client | None = None
+        self._scheduler: Scheduler | None = None
+        self._owns_core = False
+
+    @property
+    def workflows(self) -> tuple[str, ...]:
+        return tuple(self.functions)
+
+    def workflow(self, name: str):
+        """Register `async def fn(instance)` as the workflow `name`."""
+        check_id(name, "workflow")
+
+        def register(fn):
+            self.functions[name] = fn
+            return fn
+        return register
+
+    def bind(self, core: Core) -> "Worker":
+        """Run on `core` (a server's): the server's scheduler then launches this worker's workflows."""
+        self.core, self.client = core, Client(transport=EmbeddedTransport(core))
+        return self
+
+    async def launch(self, claim: dict) -> None:
+        """Run one claimed instance as a task of this process, and report its end."""
+        instance = Instance(claim["instance_id"], claim["tenant_id"], transport=EmbeddedTransport(self.core),
+                            checkpoint_id=claim["checkpoint_id"], env={},
+                            heartbeat_interval_ms=max(self.settings.heartbeat_timeout_ms // 4, 10))
+        await self.core.record_launch(claim, os.getpid())
+        code, reason = 0, "returned"
+        try:
+            async with instance:
+                result = await self.functions[claim["workflow"]](instance)
+                with contextlib.suppress(InvalidState):  # it reported its end itself
+                    await instance.completed(_output(result))
+        except Exception as exc:  # reported as failed by `async with`, unless the database was unreachable
+            code, reason = 1, f"raised {type(exc).__name__}: {exc}"
+        await self.core.launch_ended(claim, None, code, reason)
+
+    async def __aenter__(self) -> "Worker":
+        if self.core is None:
+            storage = self._storage or await asyncio.to_thread(open_storage, self.settings.database_url,
+                                                               synchronous=self.settings.sqlite_synchronous)
+            self.bind(Core(storage, self.settings))
+            self._owns_core = True
+        self._scheduler = Scheduler(self.core, [self], self.executor)
+        self._scheduler.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._scheduler.stop()
+        self._scheduler = None
+        if self._owns_core:
+            self.core.close()
+            if self._storage is None:
+                await asyncio.to_thread(self.core.storage.close)
+            self.core, self._owns_core = None, False
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        async with self:
+            await asyncio.Event().wait()
+
+    async def start(self, workflow: str, instance_id: str, tenant_id: str, input: bytes = b"") -> dict:
+        """Start an instance of one of this worker's workflows: {instance_id, status, created}."""
+        if workflow not in self.functions:
+            raise ValueError(f"this worker has no workflow {workflow!r}; it has {', '.join(self.functions)}")
+        started = await self.client.start(instance_id, tenant_id, input, workflow)
+        if self._scheduler is not None:
+            self._scheduler.poke()
+        return started
+
+    async def wait(self, instance_id: str, timeout: float | None = None) -> dict:
+        """The instance's status map once it is terminal, or at `timeout` seconds."""
+        return await self.client.wait(instance_id, timeout)
+
+
+def load_worker(source: str) -> Worker:
+    """The Worker a module (`package.module`) or a Python file (`path/to/flows.py`) defines."""
+    import importlib
+    import importlib.util
+
+    if source.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(Path(source).stem, source)
+        if spec is None or not Path(source).is_file():
+            raise ValueError(f"no Python file {source}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(source)
+    workers = [value for value in vars(module).values() if isinstance(value, Worker)]
+    if len(workers) != 1:
+        raise ValueError(f"{source} defines {len(workers)} Worker objects; it must define exactly one")
+    return workers[0]
 
 
 # =============================================================================================
@@ -2933,6 +3201,10 @@ def build_cli():
                                                     " [env RUNTARA_LAUNCH_COMMAND: the default command]"),
         max_restarts: int = typer.Option(None, help="Relaunches of a dead run in a row without a new checkpoint"
                                                     " [env RUNTARA_MAX_RESTARTS; default 5]"),
+        workflows: str = typer.Option(None, help="A module or .py file defining a Worker: its workflows run in"
+                                                 " this process"),
+        executor: str = typer.Option(None, help="The name this server's in-process runs are claimed under"
+                                                " [env RUNTARA_EXECUTOR; default local]"),
         launch_timeout_ms: int = typer.Option(None, help="[env RUNTARA_LAUNCH_TIMEOUT_MS; default 30000]"),
         launch_max_attempts: int = typer.Option(None, help="[env RUNTARA_LAUNCH_MAX_ATTEMPTS; default 5]"),
         wake_interval_ms: int = typer.Option(None, help="[env RUNTARA_WAKE_INTERVAL_MS; default 1000]"),
@@ -2954,12 +3226,14 @@ def build_cli():
                                          sleep_inline_max_ms=sleep_inline_max_ms,
                                          heartbeat_timeout_ms=heartbeat_timeout_ms, launch_command=launch_command,
                                          workflow_commands=workflow_commands or None, max_restarts=max_restarts,
+                                         executor=executor,
                                          launch_timeout_ms=launch_timeout_ms, launch_max_attempts=launch_max_attempts,
                                          wake_interval_ms=wake_interval_ms, max_message_bytes=max_message_bytes,
                                          sqlite_synchronous=sqlite_synchronous and sqlite_synchronous.upper(),
                                          event_loop=event_loop and event_loop.lower())
-            run_server(settings)
-        except (ValueError, OSError, RuntaraError) as exc:
+            worker = None if workflows is None else load_worker(workflows)
+            run_server(settings, worker)
+        except (ValueError, OSError, ImportError, RuntaraError) as exc:
             raise fail(str(exc))
 
     @app.command()
@@ -3122,6 +3396,25 @@ def build_cli():
                            f" ({started['status']})"))
             if wait:
                 wait_for_end(db, instance_id, timeout)
+
+    @app.command()
+    def fork(instance_id: str, new_id: str = typer.Option(..., "--new-id", help="The new instance's id"),
+             from_checkpoint: str = typer.Option(None, "--from", help="Copy the checkpoints saved up to this one"
+                                                                      " [default: all]"),
+             wait: bool = typer.Option(False, "--wait", help="Wait for the new instance's end, as `wait` does"),
+             timeout: str = typer.Option(None, help="With --wait: give up after this long, like 30s or 5m"),
+             database_url: str = DatabaseUrl):
+        """Restart an instance from a checkpoint: a new instance replays its steps up to there and runs the rest."""
+        try:
+            check_id(new_id, "--new-id")
+        except InvalidRequest as exc:
+            raise fail(str(exc))
+        with database(database_url) as db:
+            forked = db.write(_fork_instance, instance_id, new_id, from_checkpoint, now_ms())
+            err.print(Text(f"forked {instance_id} as {new_id} with {forked['checkpoints']} checkpoints"
+                           + (f", up to {forked['checkpoint_id']}" if forked.get("checkpoint_id") else "")))
+            if wait:
+                wait_for_end(db, new_id, timeout)
 
     @app.command("wait")
     def wait_command(instance_id: str, timeout: str = typer.Option(None, help="Give up after this long, like 30s"),

@@ -588,8 +588,8 @@ def test_launch_environment_carries_what_the_instance_needs_and_no_secrets(serve
     monkeypatch.setenv("RUNTARA_DATABASE_URL", "postgresql://user:password@db/runtara")
     monkeypatch.setenv("RUNTARA_SECRET", "s3cret")
     server = server_factory(secret="s3cret", launch_command="true")
-    env = server.server.launch_environment({"instance_id": "i", "tenant_id": "t", "checkpoint_id": "c",
-                                            "workflow": "billing"})
+    [launcher] = server.server.scheduler.launchers
+    env = launcher.environment({"instance_id": "i", "tenant_id": "t", "checkpoint_id": "c", "workflow": "billing"})
     assert env["RUNTARA_INSTANCE_ID"] == "i" and env["RUNTARA_TENANT_ID"] == "t"
     assert env["RUNTARA_WORKFLOW"] == "billing"
     assert env["RUNTARA_CHECKPOINT_ID"] == "c" and env["RUNTARA_SERVER_ADDR"] == addr(server)

@@ -8,4 +8,7 @@ ALTER TABLE instances ADD COLUMN input BYTEA;
 ALTER TABLE instances ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE instances ADD COLUMN orphaned_at_ms BIGINT;
 ALTER TABLE instances ADD COLUMN launch_after_ms BIGINT;
+-- The in-process worker whose launch began the current run, so that a worker starting again knows its
+-- runs died with it.
+ALTER TABLE instances ADD COLUMN executor TEXT;
 CREATE INDEX instances_by_created_status ON instances (status, created_at_ms);
