@@ -43,6 +43,12 @@ from typing import Any, Callable
 import msgpack
 
 __version__ = "0.1.0"
+__all__ = [
+    "Settings", "RuntaraError", "InvalidRequest", "FrameTooLarge", "Unauthorized", "InstanceNotFound",
+    "CheckpointNotFound", "TenantMismatch", "InvalidState", "Overloaded", "Superseded", "StorageError",
+    "ConnectionLost", "Interrupted", "Cancelled", "Paused", "Suspended", "Instance", "CheckpointResult", "Client",
+    "Worker", "Server", "ServerThread", "QuicTransport", "EmbeddedTransport", "open_storage", "main",
+]
 log = logging.getLogger("runtara")
 
 
@@ -115,6 +121,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, env=None, **overrides) -> "Settings":
+        """Settings from RUNTARA_* variables (`env`, else os.environ), with `overrides` that are not None."""
         env = os.environ if env is None else env
         settings = cls(
             database_url=env.get("RUNTARA_DATABASE_URL") or DEFAULT_DATABASE_URL,
@@ -141,6 +148,7 @@ class Settings:
         return settings
 
     def validate(self) -> None:
+        """Raise ValueError, naming the setting, for a value the server cannot use."""
         if not 1 <= self.max_message_bytes <= MAX_PAYLOAD_BYTES:
             raise ValueError(f"RUNTARA_MAX_MESSAGE_BYTES must be between 1 and {MAX_PAYLOAD_BYTES}")
         if self.sqlite_synchronous not in ("FULL", "NORMAL"):
@@ -156,6 +164,7 @@ class Settings:
             raise ValueError("RUNTARA_TLS_CERT and RUNTARA_TLS_KEY must be set together")
 
     def command_for(self, workflow: str) -> str | None:
+        """The launch command for `workflow`: its own, else the default, else None."""
         return self.workflow_commands.get(workflow, self.launch_command)
 
     @property
@@ -196,34 +205,50 @@ class RuntaraError(Exception):
 
 
 class InvalidRequest(RuntaraError):
+    """The request is malformed: not a map, an unknown op, a missing or wrong field."""
+
     code = "INVALID_REQUEST"
 
 
 class FrameTooLarge(RuntaraError):
+    """The frame announces more than the maximum payload."""
+
     code = "FRAME_TOO_LARGE"
 
 
 class Unauthorized(RuntaraError):
+    """The token is missing or wrong, or the connection is bound to another instance."""
+
     code = "UNAUTHORIZED"
 
 
 class InstanceNotFound(RuntaraError):
+    """No instance has this id."""
+
     code = "INSTANCE_NOT_FOUND"
 
 
 class CheckpointNotFound(RuntaraError):
+    """The instance has no checkpoint with this id."""
+
     code = "CHECKPOINT_NOT_FOUND"
 
 
 class TenantMismatch(RuntaraError):
+    """The instance belongs to another tenant."""
+
     code = "TENANT_MISMATCH"
 
 
 class InvalidState(RuntaraError):
+    """The operation is not allowed in the instance's status (or with its pending signal)."""
+
     code = "INVALID_STATE"
 
 
 class Overloaded(RuntaraError):
+    """The server is full: RUNTARA_MAX_CONCURRENT_INSTANCES instances run or are being launched."""
+
     code = "OVERLOADED"
 
 
@@ -592,12 +617,15 @@ class Tx:
         when given); terminal ones finish it. True when it moved."""
         finished = now if to_status in TERMINAL else None
         marks = ", ".join("?" * len(from_statuses))
-        return bool(self.rows(f"UPDATE instances SET status = ?, finished_at_ms = COALESCE(?, finished_at_ms),"
-                              f" output = COALESCE(?, output), error = COALESCE(?, error), heartbeat_at_ms = ?,"
-                              f" orphaned_at_ms = NULL, launch_lease_until_ms = NULL"
-                              f" WHERE instance_id = ? AND status IN ({marks}) AND run = COALESCE(?, run)"
-                              f" AND status NOT IN ('completed', 'failed', 'cancelled') RETURNING 1",  # final
-                              to_status, finished, output, error, now, instance_id, *from_statuses, run))
+        moved = bool(self.rows(f"UPDATE instances SET status = ?, finished_at_ms = COALESCE(?, finished_at_ms),"
+                               f" output = COALESCE(?, output), error = COALESCE(?, error), heartbeat_at_ms = ?,"
+                               f" orphaned_at_ms = NULL, launch_lease_until_ms = NULL, launch_attempts = 0"
+                               f" WHERE instance_id = ? AND status IN ({marks}) AND run = COALESCE(?, run)"
+                               f" AND status NOT IN ('completed', 'failed', 'cancelled') RETURNING 1",  # final
+                               to_status, finished, output, error, now, instance_id, *from_statuses, run))
+        if moved and finished:
+            self.delete_signal(instance_id)  # a finished instance has nothing left to be told
+        return moved
 
     def lock_capacity(self) -> None:
         self.rows(self.dialect.capacity_lock)
@@ -612,8 +640,9 @@ class Tx:
 
     def touch_heartbeat(self, instance_id: str, now: int, run: int | None = None) -> bool:
         """Stamp a sign of life on an unfinished instance (of `run`, when given); True when it was."""
-        return bool(self.rows("UPDATE instances SET heartbeat_at_ms = ? WHERE instance_id = ? AND run = COALESCE(?, run)"
-                              " AND status IN ('pending', 'running', 'suspended') RETURNING 1",
+        return bool(self.rows("UPDATE instances SET heartbeat_at_ms = ? WHERE instance_id = ?"
+                              " AND run = COALESCE(?, run) AND status IN ('pending', 'running', 'suspended')"
+                              " RETURNING 1",
                               now, instance_id, run))
 
     def oldest_running(self) -> dict | None:
@@ -672,7 +701,8 @@ class Tx:
     # heartbeat, makes a new checkpoint id the latest and reads all the answer needs. The INSERT follows.
     _SAVE = ("UPDATE instances SET heartbeat_at_ms = ?, checkpoint_id = CASE WHEN EXISTS (SELECT 1 FROM checkpoints c"
              " WHERE c.instance_id = instances.instance_id AND c.checkpoint_id = ?) THEN checkpoint_id ELSE ? END"
-             " WHERE instance_id = ? AND status = 'running' AND run = COALESCE(?, run) RETURNING sleep_until_ms, restarts,"
+             " WHERE instance_id = ? AND status = 'running' AND run = COALESCE(?, run)"
+             " RETURNING sleep_until_ms, restarts,"
              " (SELECT state FROM checkpoints c WHERE c.instance_id = instances.instance_id AND c.checkpoint_id = ?),"
              + ", ".join(f"(SELECT {column} FROM signals s WHERE s.instance_id = instances.instance_id)"
                          for column in SIGNAL_COLUMNS) +
@@ -721,7 +751,8 @@ class Tx:
                   " SELECT ?, checkpoint_id, state, created_at_ms FROM checkpoints WHERE instance_id = ?"
                   " AND id <= COALESCE(?, id) ORDER BY id", target, source, up_to)
         return self.value("UPDATE instances SET checkpoint_id = (SELECT checkpoint_id FROM checkpoints"
-                          " WHERE instance_id = ? ORDER BY id DESC LIMIT 1) WHERE instance_id = ? RETURNING checkpoint_id",
+                          " WHERE instance_id = ? ORDER BY id DESC LIMIT 1) WHERE instance_id = ?"
+                          " RETURNING checkpoint_id",
                           target, target)
 
     def count_checkpoints(self, instance_id: str | None = None) -> int:
@@ -792,8 +823,8 @@ class Tx:
     _DUE = ("(status = 'pending' OR status = 'suspended' AND (EXISTS (SELECT 1 FROM signals s WHERE"
             " s.instance_id = instances.instance_id AND s.signal_type = 'resume') OR sleep_until_ms <= ? AND NOT EXISTS"
             " (SELECT 1 FROM signals s WHERE s.instance_id = instances.instance_id AND s.signal_type = 'pause')))")
-    _DUE_ORDER = (" ORDER BY CASE WHEN status = 'pending' THEN created_at_ms WHEN status = 'running' THEN orphaned_at_ms"
-                  " ELSE COALESCE(sleep_until_ms, 0) END, instance_id")
+    _DUE_ORDER = (" ORDER BY CASE WHEN status = 'pending' THEN created_at_ms"
+                  " WHEN status = 'running' THEN orphaned_at_ms ELSE COALESCE(sleep_until_ms, 0) END, instance_id")
 
     def launch_queue(self, now: int, limit: int = 100) -> list[dict]:
         """Everything waiting for a launch, with its lease and backoff: what `runtara wakes` shows."""
@@ -1356,6 +1387,7 @@ def _start_sleep(tx: Tx, instance_id, checkpoint_id, state, duration_ms, run, no
         return False, wake_at
     tx.transition(instance_id, "suspended", ("running",), now)
     tx.insert_event(instance_id, "suspended", now, subtype="sleep", checkpoint_id=checkpoint_id)
+    _cancel_waiting(tx, instance_id, now)
     return True, wake_at
 
 
@@ -1375,6 +1407,8 @@ def _apply_event(tx: Tx, now: int, instance_id, event_type, payload=None, subtyp
         _refuse(tx, instance_id, f"report {event_type}", run)
     if event_type != "heartbeat":
         tx.insert_event(instance_id, event_type, now, subtype=subtype, checkpoint_id=checkpoint_id, payload=payload)
+    if event_type == "suspended":
+        _cancel_waiting(tx, instance_id, now)
 
 
 def _apply_events(tx: Tx, events: list[dict], now: int) -> int:
@@ -1393,14 +1427,30 @@ def _poll_signals(tx: Tx, instance_id, checkpoint_id, run) -> dict:
 SIGNAL_EFFECTS = {"cancel": ("cancelled", ACTIVE), "pause": ("suspended", ("pending", "running"))}
 
 
+def _take_effect(tx: Tx, instance_id: str, signal_type: str, now: int, payload: bytes | None = None) -> None:
+    """A signal takes effect: cancel ends the instance; pause suspends it with no wake time, so that only a
+    resume lets it run again; resume changes nothing here."""
+    if signal_type in SIGNAL_EFFECTS:
+        to_status, from_statuses = SIGNAL_EFFECTS[signal_type]
+        tx.transition(instance_id, to_status, from_statuses, now)
+    if signal_type == "pause":
+        tx.clear_sleep(instance_id)
+    tx.insert_event(instance_id, "signal", now, subtype=signal_type, payload=payload)
+
+
+def _cancel_waiting(tx: Tx, instance_id: str, now: int) -> None:
+    """The instance was just suspended: a cancel that waited for its process takes effect, as none runs now."""
+    signal = tx.get_signal(instance_id)
+    if signal is not None and signal["signal_type"] == "cancel":
+        tx.delete_signal(instance_id)
+        _take_effect(tx, instance_id, "cancel", now)
+
+
 def _signal_ack(tx: Tx, instance_id, signal_type, acknowledged, run, now) -> dict:
     _check_run(_existing(tx, instance_id, lock=True), run)
     applied = acknowledged and tx.ack_signal(instance_id, signal_type)
     if applied:
-        tx.insert_event(instance_id, "signal", now, subtype=signal_type)
-        if signal_type in SIGNAL_EFFECTS:
-            to_status, from_statuses = SIGNAL_EFFECTS[signal_type]
-            tx.transition(instance_id, to_status, from_statuses, now)
+        _take_effect(tx, instance_id, signal_type, now)
     return {"status": tx.get_instance(instance_id)["status"], "applied": applied}
 
 
@@ -1433,8 +1483,7 @@ def _send_signal(tx: Tx, instance_id, signal_type, payload, now) -> dict:
     immediate = SIGNAL_EFFECTS.get(signal_type)
     if immediate and not process and status in immediate[1]:
         tx.delete_signal(instance_id)
-        tx.transition(instance_id, immediate[0], (status,), now)
-        tx.insert_event(instance_id, "signal", now, subtype=signal_type, payload=payload or None)
+        _take_effect(tx, instance_id, signal_type, now, payload or None)
     else:
         tx.put_signal(instance_id, signal_type, payload, now)
     return {"instance_id": instance_id, "signal_type": signal_type,
@@ -1516,8 +1565,7 @@ def _orphaned(tx: Tx, instance: dict, reason: str, now: int, rules: Recovery) ->
     instance_id, signal = instance["instance_id"], tx.get_signal(instance["instance_id"])
     if signal is not None and signal["signal_type"] == "cancel":  # nobody is left to acknowledge it
         tx.delete_signal(instance_id)
-        tx.transition(instance_id, "cancelled", ("running",), now)
-        tx.insert_event(instance_id, "signal", now, subtype="cancel")
+        _take_effect(tx, instance_id, "cancel", now)
         return "cancelled"
     if signal is not None and signal["signal_type"] == "pause":  # stays pending: paused until a resume
         tx.transition(instance_id, "suspended", ("running",), now)
@@ -1568,11 +1616,13 @@ def _launch_ended(tx: Tx, claim: dict, pid: int | None, code: int | None, reason
     if instance is None:
         return None
     began = claim["run"] + 1 if instance["run"] > claim["run"] else None
-    tx.insert_event(claim["instance_id"], "exited", now, payload=msgpack.packb({"pid": pid, "code": code, "run": began}))
+    tx.insert_event(claim["instance_id"], "exited", now,
+                    payload=msgpack.packb({"pid": pid, "code": code, "run": began}))
     if instance["status"] in TERMINAL:
         return instance["status"]
-    if began is None and instance["launch_lease_until_ms"] is None:
-        return instance["status"]  # a pause or cancel called the launch off: nothing to charge
+    if began is None and (instance["launch_lease_until_ms"] is None
+                          or instance["launch_attempts"] != claim["launch_attempts"]):
+        return instance["status"]  # a signal called this launch off, or a later claim replaced it: not charged
     if began is None:
         attempts = instance["launch_attempts"]
         reason = reason if code is None else f"{reason} before registering"  # else it says so already
@@ -2128,7 +2178,9 @@ class ProcessLauncher:
 
 
 class Server:
-    """The QUIC server over a storage: `await start()`, `await stop()`; `run()` until a signal."""
+    """The QUIC server over a storage (opened from the settings unless given), with the scheduler, and a
+    Worker's in-process workflows when given: `async with Server(settings) as server:`, or `await start()`
+    and `await stop()`; `run()` serves until SIGINT or SIGTERM."""
 
     def __init__(self, settings: Settings | None = None, storage: Storage | None = None, worker=None):
         self.settings = settings or Settings.from_env()
@@ -2143,15 +2195,18 @@ class Server:
 
     @property
     def address(self) -> tuple[str, int]:
+        """The (host, port) the server listens on."""
         return self._quic._transport.get_extra_info("sockname")[:2]
 
     def track(self, coroutine) -> asyncio.Task:
+        """Run `coroutine` as a task that stop() lets finish."""
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
     async def start(self) -> "Server":
+        """Open the database (unless given), listen, and start the scheduler."""
         from aioquic.asyncio import serve
         from aioquic.quic.configuration import QuicConfiguration
 
@@ -2196,6 +2251,12 @@ class Server:
         if granted < self.RECEIVE_BUFFER:
             log.warning("the UDP receive buffer is %d KiB, not the %d KiB asked for; under load packets may be"
                         " dropped (raise net.core.rmem_max)", granted // 1024, self.RECEIVE_BUFFER // 1024)
+
+    async def __aenter__(self) -> "Server":
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
 
     async def stop(self) -> None:
         """Answer what is in flight, close connections and the database (checkpointing the WAL).
@@ -2266,9 +2327,11 @@ class ServerThread:
 
     @property
     def address(self) -> tuple[str, int]:
+        """The (host, port) the server listens on."""
         return self.server.address
 
     def start(self) -> "ServerThread":
+        """Start the thread and the server on it; returns once the server listens."""
         self._thread.start()
         try:
             asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result()
@@ -2278,6 +2341,7 @@ class ServerThread:
         return self
 
     def stop(self) -> None:
+        """Stop the server and its thread; idempotent."""
         if self._loop.is_closed():
             return
         asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result()
@@ -2401,6 +2465,8 @@ class QuicTransport:
 
     @classmethod
     def from_env(cls, server_addr: str | None = None, env=None, **options) -> "QuicTransport":
+        """A transport to `server_addr` (else RUNTARA_SERVER_ADDR), verifying the server as RUNTARA_CA_FILE
+        and RUNTARA_SKIP_CERT_VERIFICATION say."""
         env = os.environ if env is None else env
         host, port = parse_server_addr(server_addr or env.get("RUNTARA_SERVER_ADDR") or "127.0.0.1:8001")
         options.setdefault("ca_file", env.get("RUNTARA_CA_FILE") or None)
@@ -2468,6 +2534,7 @@ class QuicTransport:
     HELD_FOR = {"sleep": "duration_ms", "wait_instance": "timeout_ms"}
 
     async def send(self, protocol, message: dict) -> dict:
+        """Send one request on `protocol`'s connection and return the answer map, or raise its error."""
         held = message.get(self.HELD_FOR.get(message["op"]), 0)
         timeout = self.REQUEST_TIMEOUT_S + (held / 1000 if isinstance(held, int) else 0)
         answer = protocol.send_request(encode_frame(FRAME_REQUEST, message))
@@ -2482,6 +2549,7 @@ class QuicTransport:
         return reply
 
     async def request(self, message: dict) -> dict:
+        """Send one request, connecting first when needed; the answer map, or raise its error."""
         return await self.send(await self._connection(), message)
 
     async def _disconnect(self):
@@ -2494,6 +2562,7 @@ class QuicTransport:
                 await within(stack.aclose(), 2)
 
     async def close(self):
+        """Close the connection."""
         async with self._lock:
             await self._disconnect()
 
@@ -2514,11 +2583,13 @@ class EmbeddedTransport:
         return cls(Core(storage, settings), owns_storage=True)
 
     async def request(self, message: dict) -> dict:
+        """Answer one request map, as the server would."""
         if self.core.admin_token and "token" not in message:  # this process holds the database: it is trusted
             message = {**message, "token": self.core.admin_token}
         return await self.core.dispatch(message, self.session)
 
     async def close(self):
+        """Close the database if this transport opened it."""
         if self.owns_storage:
             await asyncio.to_thread(self.core.storage.close)
 
@@ -2548,14 +2619,17 @@ class CheckpointResult:
 
     @property
     def should_cancel(self) -> bool:
+        """A cancel is pending."""
         return bool(self.signal) and self.signal["signal_type"] == "cancel"
 
     @property
     def should_pause(self) -> bool:
+        """A pause is pending."""
         return bool(self.signal) and self.signal["signal_type"] == "pause"
 
     @property
     def should_exit(self) -> bool:
+        """A cancel or pause is pending: the workflow should acknowledge it and stop."""
         return self.should_cancel or self.should_pause
 
 
@@ -2567,16 +2641,19 @@ class _Caller:
     _owns_transport = False
 
     async def close(self) -> None:
+        """Close the transport if this object made it."""
         if self._owns_transport:
             await self.transport.close()
 
     async def call(self, op: str, **fields) -> dict:
+        """Send operation `op` with the fields that are not None, and the token; the answer map."""
         message = {"op": op, **_compact(fields)}
         if self.token:
             message["token"] = self.token
         return await self.transport.request(message)
 
     async def get_instance_status(self, instance_id: str) -> dict:
+        """An instance's status map; found=False for an unknown one."""
         return await self.call("get_instance_status", instance_id=instance_id)
 
 
@@ -2634,6 +2711,7 @@ class Instance(_Caller):
 
     @property
     def workflow(self) -> str | None:
+        """The workflow this instance runs (chosen when it was started), once registered."""
         return self.registration and self.registration.get("workflow")
 
     async def call(self, op: str, **fields) -> dict:
@@ -2693,6 +2771,7 @@ class Instance(_Caller):
                                 reply.get("custom_signal"))
 
     async def get_checkpoint(self, checkpoint_id: str) -> bytes | None:
+        """The state saved under `checkpoint_id`, or None; changes nothing."""
         reply = await self.call("get_checkpoint", instance_id=self.instance_id, checkpoint_id=checkpoint_id)
         return reply["state"] if reply["found"] else None
 
@@ -2708,15 +2787,19 @@ class Instance(_Caller):
         await self.call("instance_event", instance_id=self.instance_id, event_type=event_type, **fields)
 
     async def heartbeat(self) -> None:
+        """Tell the server this run is alive (the background heartbeat does it on its own)."""
         await self._event("heartbeat")
 
     async def completed(self, output: bytes = b"") -> None:
+        """End the instance as completed with `output`; final."""
         await self._event("completed", payload=output)
 
     async def failed(self, error: str) -> None:
+        """End the instance as failed with `error`; final."""
         await self._event("failed", payload=error.encode())
 
     async def suspended(self) -> None:
+        """Suspend the instance: it waits for a resume (a sleep does this on its own)."""
         await self._event("suspended")
 
     async def event(self, subtype: str, payload: bytes = b"", checkpoint_id: str | None = None) -> None:
@@ -2753,9 +2836,11 @@ class Instance(_Caller):
             raise Paused("paused by signal")
 
     async def status(self) -> dict:
+        """This instance's status map (PROTOCOL.md section 3.1)."""
         return await self.get_instance_status(self.instance_id)
 
     async def retry_attempt(self, checkpoint_id: str, attempt_number: int, error_message: str) -> None:
+        """Record a failed attempt of the step `checkpoint_id` (durable() does it on its own)."""
         await self.call("retry_attempt", instance_id=self.instance_id, checkpoint_id=checkpoint_id,
                         attempt_number=attempt_number, error_message=error_message, timestamp_ms=now_ms())
 
@@ -2825,6 +2910,7 @@ class Client(_Caller):
         await self.close()
 
     async def health_check(self) -> dict:
+        """The server's health: {healthy, version, database, uptime_ms, running_instances}."""
         return await self.call("health_check")
 
     async def start(self, instance_id: str, tenant_id: str, input: bytes = b"", workflow: str | None = None) -> dict:
@@ -2852,21 +2938,26 @@ class Client(_Caller):
                 await asyncio.sleep(0.5)
 
     async def send_signal(self, instance_id: str, signal_type: str, payload: bytes = b"") -> dict:
+        """Send cancel, pause or resume: {instance_id, signal_type, status} (PROTOCOL.md section 4)."""
         return await self.call("send_signal", instance_id=instance_id, signal_type=signal_type, payload=payload)
 
     async def send_custom_signal(self, instance_id: str, checkpoint_id: str, payload: bytes = b"") -> dict:
+        """Leave `payload` for the instance's next checkpoint or poll naming `checkpoint_id`."""
         return await self.call("send_custom_signal", instance_id=instance_id, checkpoint_id=checkpoint_id,
                                payload=payload)
 
     async def list_instances(self, tenant_id: str | None = None, status: str | None = None, limit: int | None = None,
                              offset: int | None = None) -> dict:
+        """Instances, newest first: {instances, total_count}."""
         return await self.call("list_instances", tenant_id=tenant_id, status=status, limit=limit, offset=offset)
 
     async def list_checkpoints(self, instance_id: str, limit: int | None = None, offset: int | None = None) -> dict:
+        """An instance's checkpoints, newest first: {checkpoints, total_count}."""
         return await self.call("list_checkpoints", instance_id=instance_id, limit=limit, offset=offset)
 
     async def list_events(self, instance_id: str, event_type: str | None = None, subtype: str | None = None,
                           limit: int | None = None, offset: int | None = None) -> dict:
+        """An instance's events, newest first: {events, total_count}."""
         return await self.call("list_events", instance_id=instance_id, event_type=event_type, subtype=subtype,
                                limit=limit, offset=offset)
 
@@ -2908,6 +2999,7 @@ class Worker:
 
     @property
     def workflows(self) -> tuple[str, ...]:
+        """The names of the workflows registered here."""
         return tuple(self.functions)
 
     def workflow(self, name: str):
@@ -3365,7 +3457,8 @@ def build_cli():
             if instance["output"]:
                 print_value(*decode_state(instance["output"]))
         elif status in TERMINAL:
-            err.print(Text(f"instance {instance_id} {status}" + (f": {instance['error']}" if instance["error"] else "")))
+            error = f": {instance['error']}" if instance["error"] else ""
+            err.print(Text(f"instance {instance_id} {status}{error}"))
         else:
             err.print(Text(f"instance {instance_id} is still {status} after {timeout}"))
         raise typer.Exit(WAIT_EXIT.get(status, 5))
@@ -3544,6 +3637,7 @@ def build_cli():
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The `runtara` command line."""
     build_cli()(args=argv, prog_name="runtara")
 
 

@@ -136,3 +136,36 @@ def test_walkthrough_starts_waits_and_recovers_a_killed_run(tmp_path, workflow_f
         assert example.returncode == 0 and example.stdout.strip() == "b'charged 42'", example.stdout + example.stderr
     finally:
         stop_server_process(server)
+
+
+def saved(database_url: str, *checkpoints) -> bool:
+    """Whether each (instance_id, checkpoint_id) is in the database (made by another process)."""
+    try:
+        with rc.open_storage(database_url, create=False, migrate=False) as storage:
+            return all(storage.read(rc.Tx.get_checkpoint, *checkpoint).result() is not None
+                       for checkpoint in checkpoints)
+    except Exception:  # not created yet (no SQLite file; on PostgreSQL, no tables)
+        return False
+
+
+def test_embedding_example_survives_being_killed(tmp_path, database_url):
+    """The README's edge runtime, as written (on PostgreSQL with its URL swapped in): killed with SIGKILL while
+    an instance sleeps, started again, it finishes both instances without running a finished step again."""
+    code = readme_block("python", "# edge.py").replace("sqlite:///edge.db", database_url)
+    (tmp_path / "edge.py").write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen([sys.executable, "edge.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not saved(database_url, ("reading-1", "settle"), ("report-1", "send")):  # reading-1 sleeps: kill it now
+        assert time.monotonic() < deadline and first.poll() is None, first.stderr.read()
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    seen, _ = first.communicate(timeout=10)
+    assert seen.count("measuring") == 1 and "sending all well" in seen and "reading-1 completed" not in seen, seen
+
+    again = subprocess.run([sys.executable, "edge.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "reading-1 completed" in again.stdout and "report-1 completed" in again.stdout, again.stdout
+    assert "measuring" not in again.stdout and "sending" not in again.stdout, again.stdout
