@@ -94,6 +94,23 @@ def _env_int(env, name: str, default: int) -> int:
     return value
 
 
+def secret_from(env) -> str | None:
+    """RUNTARA_SECRET, or the first line of the file RUNTARA_SECRET_FILE names (read once, at start: a file
+    kept from other users is safer than the environment, which some tools print)."""
+    secret, path = env.get("RUNTARA_SECRET") or None, env.get("RUNTARA_SECRET_FILE") or None
+    if secret and path:
+        raise ValueError("set RUNTARA_SECRET or RUNTARA_SECRET_FILE, not both")
+    if path is None:
+        return secret
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read RUNTARA_SECRET_FILE {path}: {exc.strerror}") from None
+    if not secret:
+        raise ValueError(f"RUNTARA_SECRET_FILE {path} is empty")
+    return secret
+
+
 @dataclasses.dataclass
 class Settings:
     """Everything the server reads from its environment; `serve` options override it."""
@@ -129,7 +146,7 @@ class Settings:
             port=_env_int(env, "RUNTARA_QUIC_PORT", 8001),
             tls_cert=env.get("RUNTARA_TLS_CERT") or None,
             tls_key=env.get("RUNTARA_TLS_KEY") or None,
-            secret=env.get("RUNTARA_SECRET") or None,
+            secret=secret_from(env),
             max_message_bytes=_env_int(env, "RUNTARA_MAX_MESSAGE_BYTES", MAX_PAYLOAD_BYTES),
             max_concurrent_instances=_env_int(env, "RUNTARA_MAX_CONCURRENT_INSTANCES", 32),
             sleep_inline_max_ms=_env_int(env, "RUNTARA_SLEEP_INLINE_MAX_MS", 60_000),
@@ -367,10 +384,15 @@ def check_text(value, field):
     return value
 
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def check_id(value, field):
-    check_text(value, field)
-    _check(value != "" and len(value.encode()) <= MAX_ID_BYTES, field,
-           f"a non-empty string of at most {MAX_ID_BYTES} bytes")
+    # Control characters have no use in an id, and a newline would make two (tenant, instance) pairs share
+    # one token (PROTOCOL.md section 6).
+    _check(isinstance(value, str) and value != "" and len(value.encode()) <= MAX_ID_BYTES
+           and not CONTROL_CHARACTERS.search(value), field,
+           f"a non-empty string of at most {MAX_ID_BYTES} bytes without control characters")
     return value
 
 
@@ -418,8 +440,12 @@ def one_of(choices):
     return check
 
 
+MAX_BATCH_EVENTS = 1000  # one batch is one transaction: bounded, so that no request holds the writer for long
+
+
 def check_events(value, field):
-    _check(isinstance(value, list) and len(value) > 0, field, "a non-empty array of event maps")
+    _check(isinstance(value, list) and 0 < len(value) <= MAX_BATCH_EVENTS, field,
+           f"an array of 1 to {MAX_BATCH_EVENTS} event maps")
     events = []
     for index, event in enumerate(value):
         _check(isinstance(event, dict), f"{field}[{index}]", "a map")
@@ -2140,7 +2166,8 @@ class ProcessLauncher:
 
     def environment(self, claim: dict) -> dict[str, str]:
         """The launched process's environment: ours, less the secrets, plus what the instance needs."""
-        env = {k: v for k, v in os.environ.items() if k not in ("RUNTARA_SECRET", "RUNTARA_DATABASE_URL")}
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RUNTARA_SECRET", "RUNTARA_SECRET_FILE", "RUNTARA_DATABASE_URL")}
         env.update(RUNTARA_INSTANCE_ID=claim["instance_id"], RUNTARA_TENANT_ID=claim["tenant_id"],
                    RUNTARA_WORKFLOW=claim["workflow"], RUNTARA_SERVER_ADDR=self.server_addr)
         env.pop("RUNTARA_CHECKPOINT_ID", None)
@@ -2657,10 +2684,33 @@ class _Caller:
         return await self.call("get_instance_status", instance_id=instance_id)
 
 
+def _canonical(value, step: str):
+    """`value` in a form whose msgpack bytes are the same in every process for equal values: dicts and sets
+    sorted (and tagged, so that they differ from lists), tuples as lists. repr() would not do: a set's or a
+    plain object's differs between processes, and a step must get the same id after a restart."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item, step) for item in value]
+    if isinstance(value, dict):
+        pack = functools.partial(_packed, step=step)
+        return msgpack.ExtType(1, b"".join(sorted(pack(key) + pack(item) for key, item in value.items())))
+    if isinstance(value, (set, frozenset)):
+        return msgpack.ExtType(2, b"".join(sorted(_packed(item, step) for item in value)))
+    raise TypeError(f"step {step}: an argument of type {type(value).__name__} cannot make a step id; name the"
+                    f" step: @instance.durable(\"{step}\")")
+
+
+def _packed(value, step: str) -> bytes:
+    return msgpack.packb(_canonical(value, step))
+
+
 def _step_id(fn: Callable, args: tuple, kwargs: dict) -> str:
     if not args and not kwargs:
         return fn.__qualname__
-    digest = hashlib.sha256(msgpack.packb([list(args), kwargs], default=repr)).hexdigest()[:16]
+    digest = hashlib.sha256(_packed([list(args), kwargs], fn.__qualname__)).hexdigest()[:16]
     return f"{fn.__qualname__}:{digest}"
 
 
@@ -2900,7 +2950,7 @@ class Client(_Caller):
         env = os.environ if env is None else env
         self.transport = transport or QuicTransport.from_env(server_addr, env, **transport_options)
         self._owns_transport = transport is None
-        secret = env.get("RUNTARA_SECRET")
+        secret = secret_from(env)
         self.token = token or env.get("RUNTARA_ADMIN_TOKEN") or (admin_token(secret) if secret else None)
 
     async def __aenter__(self) -> "Client":
@@ -3306,7 +3356,8 @@ def build_cli():
                                                             " [env RUNTARA_EVENT_LOOP]"),
         log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR"),
     ):
-        """Run the QUIC server until SIGINT or SIGTERM. RUNTARA_SECRET (environment only) turns on authentication."""
+        """Run the QUIC server until SIGINT or SIGTERM. RUNTARA_SECRET_FILE (or RUNTARA_SECRET; environment only)
+        turns on authentication."""
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if log_level.upper() != "DEBUG":
             logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic says two lines per connection
@@ -3598,10 +3649,13 @@ def build_cli():
     def token(instance_id: str = typer.Argument(None, help="The instance the token is for"),
               tenant: str = typer.Option(None, help="The instance's tenant"),
               admin: bool = typer.Option(False, "--admin", help="Print the operators' token instead")):
-        """Print an instance's (or the operators') token under RUNTARA_SECRET."""
-        secret = os.environ.get("RUNTARA_SECRET")
+        """Print an instance's (or the operators') token under RUNTARA_SECRET (or RUNTARA_SECRET_FILE)."""
+        try:
+            secret = secret_from(os.environ)
+        except ValueError as exc:
+            raise fail(str(exc))
         if not secret:
-            raise fail("RUNTARA_SECRET is not set; tokens are made from it")
+            raise fail("neither RUNTARA_SECRET nor RUNTARA_SECRET_FILE is set; tokens are made from the secret")
         if admin:
             return typer.echo(admin_token(secret))
         if not instance_id or not tenant:

@@ -290,7 +290,8 @@ def test_odd_ids_round_trip_through_every_operation(server, odd):
     run(scenario())
 
 
-@pytest.mark.parametrize("bad", ["x" * 513, "é" * 256 + "x", "nul\x00inside", ""])
+@pytest.mark.parametrize("bad", ["x" * 513, "é" * 256 + "x", "nul\x00inside", "", "x\nvictim", "esc\x1b[31m",
+                                 "del\x7f", "c1\x9b"])
 def test_ids_one_byte_over_or_with_nul_are_rejected(server, bad):
     async def scenario():
         transport = rc.QuicTransport(*server.address)
@@ -560,3 +561,117 @@ def test_servers_starting_together_make_one_certificate(tmp_path):
     assert cert.startswith(b"-----BEGIN CERTIFICATE-----") and cert.rstrip().endswith(b"-----END CERTIFICATE-----")
     assert (tmp_path / rc.TLS_KEY_FILE).stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".runtara-")) == [".runtara-tls.lock"]
+
+
+# -- what a review broke (issue 14) -------------------------------------------------------------
+
+
+def test_a_token_cannot_be_shared_by_two_instances_through_a_newline(secured):
+    """The token of tenant `acme`, instance `x\nvictim` is the HMAC of `acme\nx\nvictim`, which is also
+    tenant `acme\nx`, instance `victim`: ids refuse control characters, so neither pair exists."""
+    async def scenario():
+        token = rc.instance_token(SECRET, "acme", "x\nvictim")
+        for tenant_id, instance_id in (("acme", "x\nvictim"), ("acme\nx", "victim")):
+            error = await raises("INVALID_REQUEST", instance(secured, instance_id, tenant_id, token=token).register())
+            assert "control characters" in str(error)
+    run(scenario())
+
+
+def test_a_finished_instance_takes_no_events_heartbeats_or_retries(server, storage):
+    async def scenario():
+        async with instance(server, token=None) as inst:
+            await inst.completed(b"done")
+            before = await inst.status()
+            for call in (inst.event("late", b"x"), inst.heartbeat(), inst.retry_attempt("c", 1, "late"),
+                         inst.failed("late"), inst.suspended()):
+                await raises("INVALID_STATE", call)
+            after = await inst.status()
+            assert after == before and after["heartbeat_at_ms"] == before["heartbeat_at_ms"]
+    run(scenario())
+    assert storage.read(rc.Tx.count_events, "i-1", "custom").result() == 0
+
+
+def test_a_batch_is_bounded(server):
+    async def scenario():
+        async with instance(server, token=None) as inst:
+            event = {"instance_id": "i-1", "event_type": "custom", "subtype": "s"}
+            error = await raises("INVALID_REQUEST", inst.call("instance_event_batch",
+                                                               events=[event] * (rc.MAX_BATCH_EVENTS + 1)))
+            assert str(rc.MAX_BATCH_EVENTS) in str(error)
+            reply = await inst.call("instance_event_batch", events=[event] * rc.MAX_BATCH_EVENTS)
+            assert reply["accepted"] == rc.MAX_BATCH_EVENTS
+    run(scenario())
+
+
+def test_the_instance_limit_holds_under_concurrent_registrations(server_factory, storage):
+    """Count-then-start under READ COMMITTED let 4 to 7 of 8 in with a limit of 2 on PostgreSQL."""
+    server = server_factory(max_concurrent_instances=2)
+
+    async def scenario(round):
+        instances = [instance(server, f"i-{round}-{n}", token=None) for n in range(8)]
+        outcomes = await asyncio.gather(*(inst.register() for inst in instances), return_exceptions=True)
+        assert sum(isinstance(outcome, dict) for outcome in outcomes) == 2, outcomes
+        assert all(isinstance(outcome, rc.Overloaded) for outcome in outcomes if not isinstance(outcome, dict))
+        for inst in instances:
+            await inst.close()
+    for round in range(3):
+        run(scenario(round))
+        assert storage.read(rc.Tx.count_running).result() == 2
+        storage.write(lambda tx: tx.rows("UPDATE instances SET status = 'completed'")).result()
+
+
+STEP_ID_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import runtara_core as rc
+
+class Order:
+    pass
+
+def charge(*args, **kwargs):
+    pass
+
+print(rc._step_id(charge, ({{"apple", "pear", "plum"}}, {{"b": 2, "a": 1}}, (1, b"x", None, 2.5, True)),
+                  {{"tags": frozenset({{"x", "y"}})}}))
+try:
+    rc._step_id(charge, (Order(),), {{}})
+except TypeError as exc:
+    print(exc)
+"""
+
+
+def test_a_default_step_id_is_the_same_in_every_process():
+    """repr() of a set or a plain object differs between processes, so a restarted workflow gave a step another
+    id and ran it again. The id comes from a canonical encoding; anything else must be named."""
+    script = STEP_ID_SCRIPT.format(root=str(ROOT))
+    outputs = {subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                              capture_output=True, text=True, check=True).stdout for seed in (1, 2, 3, 4)}
+    assert len(outputs) == 1, outputs
+    step_id, error = outputs.pop().splitlines()
+    assert step_id.startswith("charge:")
+    assert "step charge" in error and "Order" in error and '@instance.durable("charge")' in error
+    assert rc._step_id(len, ({1: "a", 2: "b"},), {}) != rc._step_id(len, ([[1, "a"], [2, "b"]],), {})
+    assert rc._step_id(len, ({1, 2},), {}) != rc._step_id(len, ([1, 2],), {})
+
+
+def test_the_secret_can_come_from_a_file(server_factory, tmp_path):
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    settings = rc.Settings.from_env(env={"RUNTARA_SECRET_FILE": str(secret_file)})
+    assert settings.secret == SECRET
+    for env, why in (({"RUNTARA_SECRET_FILE": str(tmp_path / "missing")}, "cannot read"),
+                     ({"RUNTARA_SECRET_FILE": str(secret_file), "RUNTARA_SECRET": "x"}, "not both")):
+        with pytest.raises(ValueError, match=why):
+            rc.Settings.from_env(env=env)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        rc.Settings.from_env(env={"RUNTARA_SECRET_FILE": str(tmp_path / "empty")})
+    server = server_factory(secret=settings.secret)
+
+    async def scenario():
+        async with rc.Client(addr(server), env={"RUNTARA_SECRET_FILE": str(secret_file)}) as operator:
+            assert (await operator.health_check())["healthy"] is True
+    run(scenario())
+    result = subprocess.run([sys.executable, str(ROOT / "runtara_core.py"), "token", "--admin"], capture_output=True,
+                            text=True, env={**os.environ, "RUNTARA_SECRET_FILE": str(secret_file)})
+    assert result.stdout.strip() == rc.admin_token(SECRET)
