@@ -3198,6 +3198,12 @@ def decode_state(state: bytes) -> tuple[str, Any]:
     return "binary", state
 
 
+def visible(text: str) -> str:
+    """Stored text made safe for a terminal: control characters (ESC sequences, OSC 8 links, carriage returns)
+    are shown as \\xNN escapes instead of being sent."""
+    return CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
+
+
 def _to_json(data) -> str:
     import base64
     import json
@@ -3254,7 +3260,7 @@ def build_cli():
     Limit = typer.Option(50, min=1, max=1000, help="How many rows at most")
 
     def fail(message: str) -> typer.Exit:
-        err.print(Text.assemble(("error:", "red"), " ", message), highlight=False)
+        err.print(Text.assemble(("error:", "red"), " ", visible(message)), highlight=False)
         return typer.Exit(1)
 
     class Database:
@@ -3287,31 +3293,43 @@ def build_cli():
     def emit_json(data) -> None:
         typer.echo(_to_json(data))
 
-    def status_text(status: str) -> str:
-        return f"[{STATUS_STYLES.get(status, 'white')}]{status}[/]"
+    def shown(value) -> Text:
+        """A value from the database, shown literally: never read as markup, control characters visible."""
+        return Text(visible(str(value)))
 
-    def instances_table(instances: list[dict], title: str | None = None) -> Table:
+    def status_text(status: str) -> Text:
+        return Text(status, style=STATUS_STYLES.get(status, "white"))
+
+    def instances_table(instances: list[dict], title: str | Text | None = None) -> Table:
         now = now_ms()
-        table = Table("instance", "tenant", title=title)
-        table.add_column("status", min_width=9)
-        table.add_column("checkpoint")
+        table = Table(title=title)
+        for heading, key, widest in (("instance", "instance_id", 40), ("tenant", "tenant_id", 16),
+                                     ("checkpoint", "checkpoint_id", 16)):  # ids fold onto more lines, never cut
+            longest = max((len(visible(i[key] or "-")) for i in instances), default=len(heading))
+            table.add_column(heading, overflow="fold", min_width=min(longest, widest))
+            if heading == "tenant":
+                table.add_column("status", min_width=9)
         for heading in ("created", "started", "finished", "heartbeat"):
-            table.add_column(heading, no_wrap=True)
+            table.add_column(heading)
         for i in instances:
-            table.add_row(i["instance_id"], i["tenant_id"], status_text(i["status"]), i["checkpoint_id"] or "-",
+            table.add_row(shown(i["instance_id"]), shown(i["tenant_id"]), status_text(i["status"]),
+                          shown(i["checkpoint_id"] or "-"),
                           *(_format_ms(i[key], short=True) for key in ("created_at_ms", "started_at_ms",
                                                                        "finished_at_ms")),
                           _format_age(i["heartbeat_at_ms"], now))
         return table
 
     def checkpoints_table(checkpoints: list[dict], title: str | None = None) -> Table:
-        table = Table("checkpoint", "saved", "size", title=title)
+        table = Table(title=title)
+        table.add_column("checkpoint", overflow="fold")
+        table.add_column("saved")
+        table.add_column("size")
         for c in checkpoints:
-            table.add_row(c["checkpoint_id"], _format_ms(c["created_at_ms"]), _format_size(c["size"]))
+            table.add_row(shown(c["checkpoint_id"]), _format_ms(c["created_at_ms"]), _format_size(c["size"]))
         return table
 
     def print_value(kind: str, value) -> None:
-        out.print(Text(value) if kind == "text" else Pretty(value))
+        out.print(shown(value) if kind == "text" else Pretty(value))
 
     def payload_preview(payload: bytes | None) -> str:
         if not payload:
@@ -3321,10 +3339,14 @@ def build_cli():
         return text if len(text) <= 60 else text[:57] + "..."
 
     def events_table(events: list[dict], title: str | None = None) -> Table:
-        table = Table("id", "time", "type", "subtype", "checkpoint", "payload", title=title)
+        table = Table("id", "time", "type", title=title)
+        for heading in ("subtype", "checkpoint"):
+            table.add_column(heading, overflow="fold")
+        table.add_column("payload")
         for e in events:
-            table.add_row(str(e["id"]), _format_ms(e["created_at_ms"]), e["event_type"], e.get("subtype") or "",
-                          e.get("checkpoint_id") or "", payload_preview(e.get("payload")))
+            table.add_row(str(e["id"]), _format_ms(e["created_at_ms"]), shown(e["event_type"]),
+                          shown(e.get("subtype") or ""), shown(e.get("checkpoint_id") or ""),
+                          shown(payload_preview(e.get("payload"))))
         return table
 
     @app.command()
@@ -3416,29 +3438,31 @@ def build_cli():
     def show(instance_id: str, database_url: str = DatabaseUrl, json: bool = Json):
         """Everything about one instance."""
         with database(database_url) as db:
-            shown = db.read(_show, instance_id, 5, 10)
+            found = db.read(_show, instance_id, 5, 10)
         if json:
-            return emit_json(shown)
-        i, signal = shown["instance"], shown["signal"]
+            return emit_json(found)
+        i, signal = found["instance"], found["signal"]
         facts = Table.grid(padding=(0, 2))
         facts.add_row("status", status_text(i["status"]))
-        facts.add_row("tenant", i["tenant_id"])
+        facts.add_row("tenant", shown(i["tenant_id"]))
+        facts.add_row("workflow", shown(i["workflow"]))
+        facts.add_row("run", str(i["run"]))
         for label, key in (("created", "created_at_ms"), ("started", "started_at_ms"),
                            ("finished", "finished_at_ms"), ("heartbeat", "heartbeat_at_ms"),
                            ("wakes at", "sleep_until_ms")):
             facts.add_row(label, _format_ms(i[key]))
-        facts.add_row("latest checkpoint", i["checkpoint_id"] or "-")
+        facts.add_row("latest checkpoint", shown(i["checkpoint_id"] or "-"))
         facts.add_row("pending signal", "-" if signal is None else
                       f"{signal['signal_type']} (sent {_format_ms(signal['created_at_ms'])})")
         if i["output"] is not None:
             facts.add_row("output", Pretty(decode_state(i["output"])[1]))
         if i["error"] is not None:
-            facts.add_row("error", f"[red]{i['error']}[/]")
+            facts.add_row("error", Text(visible(i["error"]), style="red"))
         out.print(Panel(Group(
             facts,
-            checkpoints_table(shown["checkpoints"], title=f"newest checkpoints ({shown['checkpoint_count']} in all)"),
-            events_table(shown["events"], title=f"newest events ({shown['event_count']} in all)")),
-            title=f"instance {instance_id}"))
+            checkpoints_table(found["checkpoints"], title=f"newest checkpoints ({found['checkpoint_count']} in all)"),
+            events_table(found["events"], title=f"newest events ({found['event_count']} in all)")),
+            title=Text(f"instance {visible(instance_id)}")))
 
     @app.command()
     def checkpoints(instance_id: str, database_url: str = DatabaseUrl, limit: int = Limit, json: bool = Json):
@@ -3464,7 +3488,7 @@ def build_cli():
         kind, value = decode_state(state)
         if json:
             return emit_json({"checkpoint_id": checkpoint_id, "format": kind, "size": len(state), "value": value})
-        err.print(f"{checkpoint_id}: {_format_size(len(state))}, {kind}", markup=False)
+        err.print(shown(f"{checkpoint_id}: {_format_size(len(state))}, {kind}"))
         print_value(kind, value)
 
     @app.command()
@@ -3487,7 +3511,7 @@ def build_cli():
             raise fail(f"unknown signal {signal_type!r}: use cancel, pause or resume")
         with database(database_url) as db:
             sent = db.write(_send_signal, instance_id, signal_type, (payload or "").encode(), now_ms())
-        err.print(f"sent {signal_type} to {instance_id}; it is {sent['status']}", markup=False, highlight=False)
+        err.print(shown(f"sent {signal_type} to {instance_id}; it is {sent['status']}"))
 
     WAIT_EXIT = {"completed": 0, "failed": 3, "cancelled": 4}  # and 5: not finished at the timeout
 
@@ -3501,7 +3525,7 @@ def build_cli():
                 if instance["status"] in TERMINAL or deadline is not None and time.monotonic() >= deadline:
                     break
                 if spinner is not None:
-                    spinner.update(Text(f"waiting for {instance_id}: {instance['status']}"))
+                    spinner.update(shown(f"waiting for {instance_id}: {instance['status']}"))
                 time.sleep(0.2)
         status = instance["status"]
         if status == "completed":
@@ -3509,9 +3533,9 @@ def build_cli():
                 print_value(*decode_state(instance["output"]))
         elif status in TERMINAL:
             error = f": {instance['error']}" if instance["error"] else ""
-            err.print(Text(f"instance {instance_id} {status}{error}"))
+            err.print(shown(f"instance {instance_id} {status}{error}"))
         else:
-            err.print(Text(f"instance {instance_id} is still {status} after {timeout}"))
+            err.print(shown(f"instance {instance_id} is still {status} after {timeout}"))
         raise typer.Exit(WAIT_EXIT.get(status, 5))
 
     @app.command()
@@ -3536,7 +3560,7 @@ def build_cli():
             raise fail(str(exc))
         with database(database_url, create=True) as db:  # a start may come before the server made the database
             started = db.write(_start_instance, instance_id, tenant, workflow, data, now_ms())
-            err.print(Text(f"{'started' if started['created'] else 'already started:'} {instance_id}"
+            err.print(shown(f"{'started' if started['created'] else 'already started:'} {instance_id}"
                            f" ({started['status']})"))
             if wait:
                 wait_for_end(db, instance_id, timeout)
@@ -3555,7 +3579,7 @@ def build_cli():
             raise fail(str(exc))
         with database(database_url) as db:
             forked = db.write(_fork_instance, instance_id, new_id, from_checkpoint, now_ms())
-            err.print(Text(f"forked {instance_id} as {new_id} with {forked['checkpoints']} checkpoints"
+            err.print(shown(f"forked {instance_id} as {new_id} with {forked['checkpoints']} checkpoints"
                            + (f", up to {forked['checkpoint_id']}" if forked.get("checkpoint_id") else "")))
             if wait:
                 wait_for_end(db, new_id, timeout)
@@ -3575,7 +3599,7 @@ def build_cli():
         """Leave a signal for the instance's next checkpoint or poll naming CHECKPOINT_ID."""
         with database(database_url) as db:
             db.write(_send_custom_signal, instance_id, checkpoint_id, (payload or "").encode(), now_ms())
-        err.print(f"left a signal for {instance_id} at checkpoint {checkpoint_id}")
+        err.print(shown(f"left a signal for {instance_id} at checkpoint {checkpoint_id}"))
 
     @app.command()
     def stats(database_url: str = DatabaseUrl, json: bool = Json):
@@ -3592,7 +3616,7 @@ def build_cli():
         table.add_row("database size", _format_size(numbers["database_bytes"]))
         oldest = numbers["oldest_running"]
         table.add_row("oldest running", "-" if oldest is None else
-                      f"{oldest['instance_id']} (since {_format_ms(oldest['started_at_ms'])})")
+                      shown(f"{oldest['instance_id']} (since {_format_ms(oldest['started_at_ms'])})"))
         out.print(table)
 
     @app.command()
@@ -3641,7 +3665,8 @@ def build_cli():
             lease, after = d["launch_lease_until_ms"], d["launch_after_ms"]
             launch = (f"under way until {_format_ms(lease)}" if lease and lease > now else
                       f"not before {_format_ms(after)}" if after and after > now else "-")
-            table.add_row(d["instance_id"], d["tenant_id"], d["workflow"], d["checkpoint_id"] or "-", why(d), launch,
+            table.add_row(shown(d["instance_id"]), shown(d["tenant_id"]), shown(d["workflow"]),
+                          shown(d["checkpoint_id"] or "-"), why(d), launch,
                           str(d["launch_attempts"]))
         out.print(table)
 
@@ -3676,8 +3701,8 @@ def build_cli():
         def snapshot(db) -> Table:
             rows = db.read(Tx.list_instances, tenant_id=tenant, status=status, limit=limit)
             counts = db.read(Tx.count_by_status)
-            summary = "  ".join(f"{status_text(s)} {counts.get(s, 0)}" for s in STATUSES)
-            return instances_table(rows, title=f"{summary}  ({_format_ms(now_ms())})")
+            summary = Text("  ").join(Text.assemble(status_text(s), f" {counts.get(s, 0)}") for s in STATUSES)
+            return instances_table(rows, title=Text.assemble(summary, f"  ({_format_ms(now_ms())})"))
 
         with database(database_url) as db, Live(snapshot(db), console=out, auto_refresh=False) as live:
             shown = 1

@@ -199,3 +199,43 @@ def test_durations(text, ms):
 def test_bad_durations(text):
     with pytest.raises(ValueError, match="bad duration"):
         rc.parse_duration(text)
+
+
+HOSTILE = {"instance_id": "x[/red]y", "tenant_id": "[bold]acme[/bold]",
+           "error": "boom \x1b]8;;http://evil.example\x1b\\click\x1b]8;;\x1b\\ \x1b[2J[red]x", "subtype": "\x1b[31mred\r",
+           "checkpoint_id": "[link=http://evil.example]c[/link]"}
+
+
+def console(*args, database_url) -> subprocess.CompletedProcess:
+    """The real console script, piped, at 80 columns."""
+    return subprocess.run([sys.executable, str(ROOT / "runtara_core.py"), *args, "--database-url", database_url],
+                          capture_output=True, text=True, timeout=60, env={**__import__("os").environ, "COLUMNS": "80"})
+
+
+def test_stored_text_is_shown_literally_and_never_sent_to_the_terminal(database_url):
+    """Ids, tenants, errors, subtypes and checkpoint ids come from clients: shown as they are, never read as
+    markup (which crashed `instances` for every instance), and with control characters made visible."""
+    now = rc.now_ms()
+    with rc.open_storage(database_url) as storage:
+        h = HOSTILE
+        storage.write(rc.Tx.create_instance, h["instance_id"], h["tenant_id"], now).result()
+        storage.write(rc._register, h["instance_id"], h["tenant_id"], None, None, now, 10).result()
+        storage.write(rc._checkpoint, h["instance_id"], h["checkpoint_id"], b"s", None, now).result()
+        storage.write(rc.Tx.insert_event, h["instance_id"], "custom", now, h["subtype"], h["checkpoint_id"],
+                      b"[bold]payload[/bold]").result()
+        storage.write(rc.Tx.transition, h["instance_id"], "failed", ("running",), now, None, h["error"]).result()
+    for command in (["instances"], ["show", h["instance_id"]], ["events", h["instance_id"]],
+                    ["checkpoints", h["instance_id"]], ["watch", "--iterations", "1"], ["stats"],
+                    ["wait", h["instance_id"]]):
+        done = console(*command, database_url=database_url)
+        shown = done.stdout + done.stderr
+        assert "Traceback" not in shown and "MarkupError" not in shown, shown
+        assert "\x1b" not in shown and "\r" not in shown, repr(shown)
+        if command[0] in ("instances", "show", "watch"):
+            assert h["instance_id"] in shown and "[bold]acme[/bold" in shown, shown  # whole: ids fold, never cut
+        if command[0] == "show":
+            assert "\\x1b]8;;http://evil.example" in shown and "[red]x" in shown, shown
+        if command[0] == "events":
+            assert "\\x1b[31mred\\x" in shown and "[bold]payloa" in shown, shown  # folded at 80 columns
+    missing = console("show", "no[/red]such", database_url=database_url)
+    assert missing.returncode == 1 and missing.stderr.strip() == "error: no instance no[/red]such", missing.stderr
