@@ -305,6 +305,10 @@ FRAME_REQUEST, FRAME_RESPONSE, FRAME_ERROR = 1, 2, 6
 FRAME_TYPES = (FRAME_REQUEST, FRAME_RESPONSE, FRAME_ERROR)
 ALPN = "runtara/1"
 MAX_ID_BYTES = 512
+MAX_BATCH_EVENTS = 1000  # one batch is one transaction: bounded, so that no request holds the writer for long
+MAX_SIGNAL_PAYLOAD = 64 * 1024  # a signal's payload rides in every checkpoint answer until acknowledged
+PREVIEW_BYTES = 4096  # how much of an event's payload (or an error) a listing carries
+ANSWER_RESERVE = 4096  # room an answer keeps for its keys and ids beside its large values
 
 STATUSES = ("pending", "running", "suspended", "completed", "failed", "cancelled")
 TERMINAL = ("completed", "failed", "cancelled")
@@ -355,11 +359,32 @@ class FrameReader:
             return self.frame_type, decode_payload(view[FRAME_HEADER.size:])
 
 
+# No operation needs more than a map of fields holding one array of flat maps (a batch of events): the
+# decoder refuses bigger containers, and more elements in all than that shape can hold, as it meets them, so
+# that a request costs memory of the order of its size whatever its shape (16 MiB of empty maps would
+# otherwise become gigabytes of dicts).
+MAX_MAP_FIELDS = 64
+MAX_ELEMENTS = (MAX_BATCH_EVENTS + 1) * MAX_MAP_FIELDS
+
+
+def unpack_bounded(data) -> Any:
+    """msgpack.unpackb with the bounds above; raises ValueError past them."""
+    budget = [MAX_ELEMENTS]
+
+    def spend(container):
+        budget[0] -= len(container) + 1
+        if budget[0] < 0:
+            raise ValueError(f"more than {MAX_ELEMENTS} elements in all")
+        return container
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, max_map_len=MAX_MAP_FIELDS,
+                           max_array_len=MAX_BATCH_EVENTS, object_hook=spend, list_hook=spend)
+
+
 def decode_payload(payload: bytes) -> dict:
     try:
-        message = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        message = unpack_bounded(payload)
     except Exception as exc:
-        raise InvalidRequest(f"payload is not valid msgpack: {exc}") from None
+        raise InvalidRequest(f"payload is not valid msgpack, or holds more than a request needs: {exc}") from None
     if not isinstance(message, dict):
         raise InvalidRequest(f"payload must be a msgpack map, not {type(message).__name__}")
     return message
@@ -398,6 +423,12 @@ def check_id(value, field):
 
 def check_bin(value, field):
     _check(isinstance(value, (bytes, bytearray)), field, "binary (msgpack bin)")
+    return bytes(value)
+
+
+def check_signal_payload(value, field):
+    _check(isinstance(value, (bytes, bytearray)) and len(value) <= MAX_SIGNAL_PAYLOAD, field,
+           f"binary of at most {MAX_SIGNAL_PAYLOAD} bytes")
     return bytes(value)
 
 
@@ -440,9 +471,6 @@ def one_of(choices):
     return check
 
 
-MAX_BATCH_EVENTS = 1000  # one batch is one transaction: bounded, so that no request holds the writer for long
-
-
 def check_events(value, field):
     _check(isinstance(value, list) and 0 < len(value) <= MAX_BATCH_EVENTS, field,
            f"an array of 1 to {MAX_BATCH_EVENTS} event maps")
@@ -482,7 +510,8 @@ OPERATIONS: dict[str, dict[str, tuple[Callable, bool]]] = {
                        "input": (check_bin, OPTIONAL)},
     "wait_instance": {**_instance, "timeout_ms": (check_wait, REQUIRED)},
     "fork_instance": {**_instance, "new_instance_id": (check_id, REQUIRED), "checkpoint_id": (check_id, OPTIONAL)},
-    "send_signal": {**_instance, "signal_type": (one_of(SIGNAL_TYPES), REQUIRED), "payload": (check_bin, OPTIONAL)},
+    "send_signal": {**_instance, "signal_type": (one_of(SIGNAL_TYPES), REQUIRED),
+                    "payload": (check_signal_payload, OPTIONAL)},
     "send_custom_signal": {**_instance, "checkpoint_id": (check_id, REQUIRED), "payload": (check_bin, OPTIONAL)},
     "list_instances": {"tenant_id": (check_id, OPTIONAL), "status": (one_of(STATUSES), OPTIONAL), **_paging},
     "list_checkpoints": {**_instance, **_paging},
@@ -732,7 +761,7 @@ class Tx:
              " (SELECT state FROM checkpoints c WHERE c.instance_id = instances.instance_id AND c.checkpoint_id = ?),"
              + ", ".join(f"(SELECT {column} FROM signals s WHERE s.instance_id = instances.instance_id)"
                          for column in SIGNAL_COLUMNS) +
-             ", EXISTS (SELECT 1 FROM custom_signals u WHERE u.instance_id = instances.instance_id"
+             ", (SELECT length(payload) FROM custom_signals u WHERE u.instance_id = instances.instance_id"
              " AND u.checkpoint_id = ?)")
 
     def save_checkpoint(self, instance_id: str, checkpoint_id: str, state: bytes, now: int,
@@ -740,11 +769,12 @@ class Tx:
         """Save a running instance's `state` unless this checkpoint id has one (the first state stays, forever),
         and stamp its heartbeat. None when the instance is not running (under `run`, when given); else
         {"first": the state already saved or None, "sleep_until_ms", "signal": the pending signal or None,
-        "custom_waiting": bool}. A new checkpoint is progress: it ends a run of restarts."""
+        "custom_size": the size of the custom signal waiting on this checkpoint id, or None}. A new checkpoint
+        is progress: it ends a run of restarts."""
         row = self.row(self._SAVE, now, checkpoint_id, checkpoint_id, instance_id, run, checkpoint_id, checkpoint_id)
         if row is None:
             return None
-        sleep_until, restarts, first, signal_type, *signal, custom_waiting = row
+        sleep_until, restarts, first, signal_type, *signal, custom_size = row
         if first is None:
             if self.rows("INSERT INTO checkpoints (instance_id, checkpoint_id, state, created_at_ms)"
                          " VALUES (?, ?, ?, ?) ON CONFLICT (instance_id, checkpoint_id) DO NOTHING RETURNING 1",
@@ -753,7 +783,7 @@ class Tx:
                     self.rows("UPDATE instances SET restarts = 0 WHERE instance_id = ?", instance_id)
             else:
                 first = self.get_checkpoint(instance_id, checkpoint_id)  # a concurrent transaction saved it first
-        return {"first": first, "sleep_until_ms": sleep_until, "custom_waiting": bool(custom_waiting),
+        return {"first": first, "sleep_until_ms": sleep_until, "custom_size": custom_size,
                 "signal": dict(zip(SIGNAL_COLUMNS, (signal_type, *signal))) if signal_type else None}
 
     def get_checkpoint(self, instance_id: str, checkpoint_id: str) -> bytes | None:
@@ -793,10 +823,12 @@ class Tx:
                   " VALUES (?, ?, ?, ?, ?, ?)", instance_id, event_type, subtype, checkpoint_id, payload, now)
 
     def list_events(self, instance_id: str, event_type=None, subtype=None, limit=100, offset=0) -> list[dict]:
+        """Newest first, each payload cut to its first PREVIEW_BYTES, with its whole size."""
         where, args = _filters(instance_id=instance_id, event_type=event_type, subtype=subtype)
-        rows = self.rows("SELECT id, event_type, subtype, checkpoint_id, payload, created_at_ms FROM events" + where
-                         + " ORDER BY id DESC LIMIT ? OFFSET ?", *args, limit, offset)
-        keys = ("id", "event_type", "subtype", "checkpoint_id", "payload", "created_at_ms")
+        rows = self.rows("SELECT id, event_type, subtype, checkpoint_id, substr(payload, 1, ?), length(payload),"
+                         " created_at_ms FROM events" + where + " ORDER BY id DESC LIMIT ? OFFSET ?",
+                         PREVIEW_BYTES, *args, limit, offset)
+        keys = ("id", "event_type", "subtype", "checkpoint_id", "payload", "payload_size", "created_at_ms")
         return [dict(zip(keys, row)) for row in rows]
 
     def count_events(self, instance_id: str | None = None, event_type=None, subtype=None) -> int:
@@ -828,6 +860,10 @@ class Tx:
         self.rows("INSERT INTO custom_signals (instance_id, checkpoint_id, payload, created_at_ms) VALUES (?, ?, ?, ?)"
                   " ON CONFLICT (instance_id, checkpoint_id) DO UPDATE SET payload = excluded.payload,"
                   " created_at_ms = excluded.created_at_ms", instance_id, checkpoint_id, payload, now)
+
+    def custom_signal_size(self, instance_id: str, checkpoint_id: str) -> int | None:
+        return self.value("SELECT length(payload) FROM custom_signals WHERE instance_id = ? AND checkpoint_id = ?",
+                          instance_id, checkpoint_id)
 
     def take_custom_signal(self, instance_id: str, checkpoint_id: str) -> bytes | None:
         """Read and delete the custom signal waiting on this checkpoint id: delivered once."""
@@ -1384,12 +1420,26 @@ def _save(tx: Tx, instance_id, checkpoint_id, state, run, now, action: str) -> d
     return saved
 
 
-def _checkpoint(tx: Tx, instance_id, checkpoint_id, state, run, now) -> dict:
+def _signals_that_fit(tx: Tx, instance_id, checkpoint_id, signal, custom_size, room: int) -> dict:
+    """The signals an answer with `room` bytes to spare carries: the custom signal first (taken, so delivered
+    once, only when it goes out), then the pending signal (delivered until acknowledged, so it can wait)."""
+    carried = {}
+    if custom_size is not None and custom_size <= room:
+        carried["custom_signal"] = {"checkpoint_id": checkpoint_id,
+                                    "payload": tx.take_custom_signal(instance_id, checkpoint_id)}
+        room -= custom_size
+    if signal is not None and len(signal["payload"]) <= room:
+        carried["signal"] = signal
+    return carried
+
+
+def _checkpoint(tx: Tx, instance_id, checkpoint_id, state, run, now, max_bytes) -> dict:
     saved = _save(tx, instance_id, checkpoint_id, state, run, now, "save a checkpoint")
-    custom = tx.take_custom_signal(instance_id, checkpoint_id) if saved["custom_waiting"] else None
-    return _compact({"found": saved["first"] is not None, "state": saved["first"] or b"",
-                     "pending_signal": saved["signal"],
-                     "custom_signal": None if custom is None else {"checkpoint_id": checkpoint_id, "payload": custom}})
+    first = saved["first"] or b""
+    carried = _signals_that_fit(tx, instance_id, checkpoint_id, saved["signal"], saved["custom_size"],
+                                max_bytes - ANSWER_RESERVE - len(first))
+    return _compact({"found": saved["first"] is not None, "state": first, "pending_signal": carried.get("signal"),
+                     "custom_signal": carried.get("custom_signal")})
 
 
 def _get_checkpoint(tx: Tx, instance_id, checkpoint_id) -> dict:
@@ -1443,11 +1493,11 @@ def _apply_events(tx: Tx, events: list[dict], now: int) -> int:
     return len(events)
 
 
-def _poll_signals(tx: Tx, instance_id, checkpoint_id, run) -> dict:
+def _poll_signals(tx: Tx, instance_id, checkpoint_id, run, max_bytes) -> dict:
     _check_run(_existing(tx, instance_id), run)
-    custom = checkpoint_id and tx.take_custom_signal(instance_id, checkpoint_id)
-    return _compact({"signal": tx.get_signal(instance_id),
-                     "custom_signal": None if custom is None else {"checkpoint_id": checkpoint_id, "payload": custom}})
+    custom_size = tx.custom_signal_size(instance_id, checkpoint_id) if checkpoint_id else None
+    return _signals_that_fit(tx, instance_id, checkpoint_id, tx.get_signal(instance_id), custom_size,
+                             max_bytes - ANSWER_RESERVE)
 
 
 SIGNAL_EFFECTS = {"cancel": ("cancelled", ACTIVE), "pause": ("suspended", ("pending", "running"))}
@@ -1547,9 +1597,28 @@ def _fork_instance(tx: Tx, instance_id, new_instance_id, checkpoint_id, now) -> 
                      "checkpoints": tx.count_checkpoints(new_instance_id)})
 
 
-def _list_instances(tx: Tx, tenant_id, status, limit, offset) -> dict:
+def _fitting(rows: list[dict], max_bytes: int | None) -> list[dict]:
+    """The first rows whose encoding fits in `max_bytes` (None: all): a listing's answer never exceeds the
+    frame maximum; the client asks for the rest with `offset`."""
+    if max_bytes is None:
+        return rows
+    room = max_bytes - ANSWER_RESERVE
+    for count, row in enumerate(rows):
+        room -= len(msgpack.packb(row))
+        if room < 0:
+            return rows[:count]
+    return rows
+
+
+def _list_instances(tx: Tx, tenant_id, status, limit, offset, max_bytes=None) -> dict:
     instances = tx.list_instances(tenant_id=tenant_id, status=status, limit=limit or 100, offset=offset or 0)
-    return {"instances": [_status_map(instance, with_output=False) for instance in instances],
+    listed = []
+    for instance in instances:
+        error = instance["error"]
+        if error is not None and len(error) > PREVIEW_BYTES:  # listings carry a preview of a long error
+            instance = {**instance, "error": error[:PREVIEW_BYTES], "error_size": len(error)}
+        listed.append(_status_map(instance, with_output=False))
+    return {"instances": _fitting(listed, max_bytes),
             "total_count": tx.count_instances(tenant_id=tenant_id, status=status)}
 
 
@@ -1559,10 +1628,10 @@ def _list_checkpoints(tx: Tx, instance_id, limit, offset) -> dict:
             "total_count": tx.count_checkpoints(instance_id)}
 
 
-def _list_events(tx: Tx, instance_id, event_type, subtype, limit, offset) -> dict:
+def _list_events(tx: Tx, instance_id, event_type, subtype, limit, offset, max_bytes=None) -> dict:
     _existing(tx, instance_id)
     events = tx.list_events(instance_id, event_type, subtype, limit=limit or 100, offset=offset or 0)
-    return {"events": [_compact(event) for event in events],
+    return {"events": _fitting([_compact(event) for event in events], max_bytes),
             "total_count": tx.count_events(instance_id, event_type, subtype)}
 
 
@@ -1741,7 +1810,8 @@ class Core:
                                  self.settings.max_concurrent_instances)
 
     async def checkpoint(self, instance_id, checkpoint_id, state, run):
-        return await self._write(_checkpoint, instance_id, checkpoint_id, state, run, self.clock())
+        return await self._write(_checkpoint, instance_id, checkpoint_id, state, run, self.clock(),
+                                 self.settings.max_message_bytes)
 
     async def get_checkpoint(self, instance_id, checkpoint_id):
         return await self._read(_get_checkpoint, instance_id, checkpoint_id)
@@ -1770,7 +1840,7 @@ class Core:
 
     async def poll_signals(self, instance_id, checkpoint_id, run):
         job = self._write if checkpoint_id else self._read  # only a named checkpoint consumes a custom signal
-        return await job(_poll_signals, instance_id, checkpoint_id, run)
+        return await job(_poll_signals, instance_id, checkpoint_id, run, self.settings.max_message_bytes)
 
     async def signal_ack(self, instance_id, signal_type, acknowledged, run):
         return await self._write(_signal_ack, instance_id, signal_type, acknowledged, run, self.clock())
@@ -1829,13 +1899,14 @@ class Core:
         return {"instance_id": instance_id, "checkpoint_id": checkpoint_id}
 
     async def list_instances(self, tenant_id, status, limit, offset):
-        return await self._read(_list_instances, tenant_id, status, limit, offset)
+        return await self._read(_list_instances, tenant_id, status, limit, offset, self.settings.max_message_bytes)
 
     async def list_checkpoints(self, instance_id, limit, offset):
         return await self._read(_list_checkpoints, instance_id, limit, offset)
 
     async def list_events(self, instance_id, event_type, subtype, limit, offset):
-        return await self._read(_list_events, instance_id, event_type, subtype, limit, offset)
+        return await self._read(_list_events, instance_id, event_type, subtype, limit, offset,
+                                self.settings.max_message_bytes)
 
     # -- the scheduler's rules (section 5): a Scheduler drives them, launchers run what they decide ----------
 
@@ -2133,6 +2204,9 @@ def _server_protocol():
         async def handle(self, stream_id: int, message: dict):
             try:
                 reply = encode_frame(FRAME_RESPONSE, await self.server.core.dispatch(message, self.session))
+                if len(reply) - FRAME_HEADER.size > self.server.settings.max_message_bytes:  # a client refuses it
+                    raise FrameTooLarge(f"the answer would be {len(reply) - FRAME_HEADER.size} bytes; the maximum is"
+                                        f" {self.server.settings.max_message_bytes}")
             except RuntaraError as exc:
                 reply = encode_error(exc)
             except Exception:
@@ -3038,7 +3112,8 @@ class Worker:
     def __init__(self, database: str | Storage | None = None, *, settings: Settings | None = None,
                  executor: str | None = None):
         url = database if isinstance(database, str) else None
-        self.settings = settings or Settings.from_env(database_url=url)
+        self.settings = Settings.from_env(database_url=url) if settings is None else \
+            dataclasses.replace(settings, database_url=url or settings.database_url)
         self.executor = executor or self.settings.executor
         self._storage = database if isinstance(database, Storage) else None
         self.functions: dict[str, Callable] = {}
@@ -3181,18 +3256,19 @@ def _format_size(size: int) -> str:
 
 
 def decode_state(state: bytes) -> tuple[str, Any]:
-    """Guess what a state holds: ('json' | 'msgpack' | 'text' | 'binary', value)."""
+    """Guess what a state holds: ('json' | 'msgpack' | 'text' | 'binary', value). What does not decode within
+    the bounds a request has is shown as text or bytes."""
     import json
 
     try:
         text = state.decode("utf-8")
     except UnicodeDecodeError:
         text = None
-    if text is not None:
-        with contextlib.suppress(ValueError):
+    if text is not None and len(state) <= 1 << 20:  # JSON has no bounded decoder: only a modest one is tried
+        with contextlib.suppress(ValueError, RecursionError):
             return "json", json.loads(text)
-    with contextlib.suppress(Exception):
-        return "msgpack", msgpack.unpackb(state, raw=False, strict_map_key=False)
+    with contextlib.suppress(Exception):  # bounded like requests: a hostile state cannot take the memory
+        return "msgpack", unpack_bounded(state)
     if text is not None:
         return "text", text
     return "binary", state
@@ -3721,4 +3797,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # Run as a script, this module is __main__; a workflow file that imports runtara_core must get this
+    # module, not a second copy whose Worker class is another class.
+    sys.modules.setdefault("runtara_core", sys.modules[__name__])
     main()

@@ -220,7 +220,7 @@ def test_stored_text_is_shown_literally_and_never_sent_to_the_terminal(database_
         h = HOSTILE
         storage.write(rc.Tx.create_instance, h["instance_id"], h["tenant_id"], now).result()
         storage.write(rc._register, h["instance_id"], h["tenant_id"], None, None, now, 10).result()
-        storage.write(rc._checkpoint, h["instance_id"], h["checkpoint_id"], b"s", None, now).result()
+        storage.write(rc._checkpoint, h["instance_id"], h["checkpoint_id"], b"s", None, now, 1 << 20).result()
         storage.write(rc.Tx.insert_event, h["instance_id"], "custom", now, h["subtype"], h["checkpoint_id"],
                       b"[bold]payload[/bold]").result()
         storage.write(rc.Tx.transition, h["instance_id"], "failed", ("running",), now, None, h["error"]).result()

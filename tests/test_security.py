@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import runtara_core as rc
 from conftest import addr, run, settings_for, start_server_process, stop_server_process
-from test_protocol import raises
+from test_protocol import raises, raw
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "correct horse battery staple"
@@ -675,3 +675,60 @@ def test_the_secret_can_come_from_a_file(server_factory, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "runtara_core.py"), "token", "--admin"], capture_output=True,
                             text=True, env={**os.environ, "RUNTARA_SECRET_FILE": str(secret_file)})
     assert result.stdout.strip() == rc.admin_token(SECRET)
+
+
+def test_a_hostile_payload_costs_memory_of_the_order_of_its_size(server_process):
+    """16 MiB of empty maps nested in arrays, in an unauthenticated health_check's ignored key, took the server
+    from 66 MiB to 1.2 GB. The decoder refuses what no operation needs as it meets it."""
+    port, process = server_process
+    inner = b"\xdc" + (1000).to_bytes(2, "big") + b"\x80" * 1000  # an array of 1000 empty maps
+    value = b"\xdc" + (1000).to_bytes(2, "big") + inner * 1000     # 1000 of those: a million maps
+    payload = b"\x8f" + msgpack.packb("op") + msgpack.packb("health_check") + b"".join(
+        msgpack.packb(f"x{n}") + value for n in range(14))        # 14 million maps in 14 MiB
+    frame = rc.FRAME_HEADER.pack(len(payload), rc.FRAME_REQUEST) + payload
+
+    async def attack():
+        baseline = rss_mb(process.pid)
+        transport = rc.QuicTransport("127.0.0.1", port)
+        try:
+            frame_type, reply = await raw(transport, frame)
+        finally:
+            await transport.close()
+        return baseline, rss_mb(process.pid), frame_type, reply
+    baseline, after, frame_type, reply = run(attack())
+    assert frame_type == rc.FRAME_ERROR and reply["code"] == "INVALID_REQUEST", reply
+    assert after - baseline < 3 * len(frame) / 2**20, (baseline, after)  # the stream's own bytes, and a little
+
+
+def test_answers_fit_the_frame_maximum_and_consume_nothing_they_do_not_carry(server_factory, storage):
+    """A large state beside a large custom signal made an answer over the maximum, which the SDK refuses, and the
+    custom signal, consumed by the committed transaction, was lost. Listings were unbounded too."""
+    limit = 2**20
+    server = server_factory(max_message_bytes=limit)
+
+    async def scenario():
+        async with instance(server, token=None) as inst, rc.Client(addr(server), env={}) as operator:
+            await inst.checkpoint("big", b"s" * (limit * 3 // 5))
+            await operator.send_custom_signal("i-1", "big", b"c" * (limit // 2))
+            answer = await inst.call("checkpoint", instance_id="i-1", checkpoint_id="big", state=b"")  # a replay
+            assert answer["found"] and len(answer["state"]) == limit * 3 // 5
+            assert "custom_signal" not in answer and len(msgpack.packb(answer)) <= limit  # it stays for a poll
+            polled = await inst.poll_signals("big")
+            assert polled["custom_signal"]["payload"] == b"c" * (limit // 2)
+            assert "custom_signal" not in await inst.poll_signals("big")  # delivered once
+
+            await operator.send_signal("i-1", "pause", b"p" * rc.MAX_SIGNAL_PAYLOAD)
+            await raises("INVALID_REQUEST", operator.send_signal("i-1", "pause", b"p" * (rc.MAX_SIGNAL_PAYLOAD + 1)))
+            nearly_full = b"f" * (limit - 3000)
+            await inst.checkpoint("full", nearly_full)
+            replayed = await inst.call("checkpoint", instance_id="i-1", checkpoint_id="full", state=b"")
+            assert replayed["state"] == nearly_full and "pending_signal" not in replayed  # no room: it waits
+            assert (await inst.poll_signals(force=True))["signal"]["signal_type"] == "pause"  # and is still there
+
+            for n in range(3):
+                await inst.event(f"big-{n}", bytes([n]) * (limit * 9 // 10))
+            listed = await operator.list_events("i-1", event_type="custom")
+            assert len(listed["events"]) == 3 and listed["total_count"] == 3
+            for event in listed["events"]:
+                assert len(event["payload"]) == rc.PREVIEW_BYTES and event["payload_size"] == limit * 9 // 10
+    run(scenario())

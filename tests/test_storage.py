@@ -257,13 +257,13 @@ def test_a_checkpoint_saves_only_while_the_instance_runs_and_answers_what_waits_
     assert r(storage, Tx.count_checkpoints, "i-1") == 0
     w(storage, Tx.begin_run, "i-1", T0, None)
     assert w(storage, Tx.save_checkpoint, "i-1", "c-1", b"s", T0 + 5) == {
-        "first": None, "sleep_until_ms": None, "signal": None, "custom_waiting": False}
+        "first": None, "sleep_until_ms": None, "signal": None, "custom_size": None}
     assert r(storage, Tx.get_instance, "i-1")["heartbeat_at_ms"] == T0 + 5
     w(storage, Tx.put_signal, "i-1", "pause", b"why", T0 + 6)
     w(storage, Tx.put_custom_signal, "i-1", "c-2", b"hello", T0 + 6)
     w(storage, Tx.set_sleep, "i-1", T0 + 99)
     assert w(storage, Tx.save_checkpoint, "i-1", "c-2", b"t", T0 + 7) == {
-        "first": None, "sleep_until_ms": T0 + 99, "custom_waiting": True,
+        "first": None, "sleep_until_ms": T0 + 99, "custom_size": 5,
         "signal": {"signal_type": "pause", "payload": b"why", "created_at_ms": T0 + 6}}
     assert w(storage, Tx.save_checkpoint, "i-1", "c-1", b"again", T0 + 8)["first"] == b"s"
     assert r(storage, Tx.get_instance, "i-1")["checkpoint_id"] == "c-2"  # a replayed id does not become the latest
@@ -340,7 +340,7 @@ def test_events_list_newest_first_with_filters(storage):
     events = r(storage, Tx.list_events, "i-1")
     assert [e["event_type"] for e in events] == ["custom"] * 4 + ["started"]
     assert events[0] == {"id": events[0]["id"], "event_type": "custom", "subtype": "odd", "checkpoint_id": "c-3",
-                         "payload": b"\x03\xff", "created_at_ms": T0 + 3}
+                         "payload": b"\x03\xff", "payload_size": 2, "created_at_ms": T0 + 3}
     assert [e["checkpoint_id"] for e in r(storage, Tx.list_events, "i-1", subtype="even")] == ["c-2", "c-0"]
     assert r(storage, Tx.count_events, "i-1", event_type="custom") == 4
     assert r(storage, Tx.count_events, "i-1", event_type="custom", subtype="odd") == 2
