@@ -133,6 +133,7 @@ class Settings:
     launch_max_attempts: int = 5
     max_restarts: int = 5
     executor: str = "local"  # the name in-process runs are claimed under: one live process per name
+    stall_timeout_ms: int = 10_000  # an unfinished request that receives nothing for this long is reset
     sqlite_synchronous: str = "FULL"
     event_loop: str = "auto"  # what `serve` runs on: uvloop when installed ("auto"), or "uvloop", "asyncio"
 
@@ -157,6 +158,7 @@ class Settings:
             launch_max_attempts=_env_int(env, "RUNTARA_LAUNCH_MAX_ATTEMPTS", 5),
             max_restarts=_env_int(env, "RUNTARA_MAX_RESTARTS", 5),
             executor=env.get("RUNTARA_EXECUTOR") or "local",
+            stall_timeout_ms=_env_int(env, "RUNTARA_STALL_TIMEOUT_MS", 10_000),
             sqlite_synchronous=(env.get("RUNTARA_SQLITE_SYNCHRONOUS") or "FULL").upper(),
             event_loop=(env.get("RUNTARA_EVENT_LOOP") or "auto").lower(),
         )
@@ -1323,6 +1325,7 @@ class Session:
     """What the server knows about one client connection."""
 
     instance_id: str | None = None  # the instance this connection registered, when authentication is on
+    trusted: bool = False  # a request on it carried a valid token (or authentication is off)
 
 
 def _compact(mapping: dict) -> dict:
@@ -1788,12 +1791,14 @@ class Core:
     def authorize(self, op: str, fields: dict, token: str | None, session: Session) -> None:
         """PROTOCOL.md section 6; a no-op when no secret is set."""
         if self.admin_token is None or _same_token(token, self.admin_token):
+            session.trusted = True
             return
         if op in OPERATOR_OPERATIONS:
             raise Unauthorized(f"{op} needs the admin token")
         if op == "register_instance":
             if not _same_token(token, instance_token(self.settings.secret, fields["tenant_id"], fields["instance_id"])):
                 raise Unauthorized(f"missing or wrong token for instance {fields['instance_id']}")
+            session.trusted = True
             return
         if session.instance_id is None:
             raise Unauthorized("this connection has not registered an instance")
@@ -1910,6 +1915,10 @@ class Core:
 
     # -- the scheduler's rules (section 5): a Scheduler drives them, launchers run what they decide ----------
 
+    # A launcher judges its launch when the launch timeout has passed since the process started; the lease
+    # lasts longer, so that no other claim replaces the launch before its launcher has judged it.
+    LAUNCH_LEASE_GRACE_MS = 5_000
+
     @property
     def rules(self) -> Recovery:
         settings = self.settings
@@ -1919,7 +1928,8 @@ class Core:
     async def claim_launches(self, limit: int = 32, in_process: tuple = (), executor: str | None = None) -> list[dict]:
         """Claim the instances to launch now, within the concurrency limit (see Tx.claim_launches)."""
         now = self.clock()
-        return await self._write(Tx.claim_launches, now, now + self.settings.launch_timeout_ms, self.launched,
+        lease_until = now + self.settings.launch_timeout_ms + self.LAUNCH_LEASE_GRACE_MS
+        return await self._write(Tx.claim_launches, now, lease_until, self.launched,
                                  self.settings.max_concurrent_instances, limit, in_process, executor)
 
     async def record_launch(self, claim: dict, pid: int) -> None:
@@ -2122,9 +2132,12 @@ def _server_protocol():
             self.server = server
             self.session = Session()
             self.readers: dict[int, FrameReader] = {}
+            self.progress: dict[int, float] = {}  # when each unfinished request last received bytes
             self.rejected: set[int] = set()  # streams answered early whose remaining bytes are dropped
             self.buffered = 0  # bytes held by self.readers
+            self.pool = server.untrusted if server.core.admin_token else server.trusted  # where they count
             self.open = True
+            server.connections.add(self)
             self.new_requests = False  # the datagram being read started requests
             self.transmit_timer: asyncio.TimerHandle | None = None
 
@@ -2159,6 +2172,7 @@ def _server_protocol():
                 for stream_id in list(self.readers):
                     self.drop(stream_id)
                 self.rejected.clear()
+                self.server.connections.discard(self)
 
         def data_received(self, stream_id: int, data: bytes, end: bool):
             if stream_id in self.rejected:
@@ -2167,39 +2181,67 @@ def _server_protocol():
                 return
             reader = self.readers.get(stream_id)
             if reader is None:
-                reader = self.readers[stream_id] = FrameReader(self.server.settings.max_message_bytes)
+                reader = self.readers[stream_id] = FrameReader(self.server.settings.max_message_bytes
+                                                               if self.trusted() else
+                                                               UNTRUSTED_FRAME_BYTES - FRAME_HEADER.size)
             try:
                 self.hold(len(data))
                 frame = reader.feed(data, end)
                 if frame is not None and frame[0] != FRAME_REQUEST:
                     raise InvalidRequest(f"expected a request frame (type {FRAME_REQUEST}), got type {frame[0]}")
             except RuntaraError as exc:
-                self.drop(stream_id)
-                if not end:
-                    self.rejected.add(stream_id)
-                    self._quic.stop_stream(stream_id, 0)
-                self.answer(stream_id, encode_error(exc))
+                if isinstance(exc, FrameTooLarge) and self.pool is self.server.untrusted:
+                    exc = FrameTooLarge(f"{exc} until this connection shows a valid token: register first")
+                self.reject(stream_id, exc, end)
                 return
+            self.progress[stream_id] = self._loop.time()
             if frame is not None:
                 self.drop(stream_id)
                 self.server.track(self.handle(stream_id, frame[1]))
                 self.new_requests = True
 
+        def reject(self, stream_id: int, error: RuntaraError, end: bool = False):
+            """Answer a stream with an error now and drop the rest of its bytes."""
+            self.drop(stream_id)
+            if not end:
+                self.rejected.add(stream_id)
+                self._quic.stop_stream(stream_id, 0)
+            self.answer(stream_id, encode_error(error))
+
+        def trusted(self) -> bool:
+            """Whether this connection has shown a valid token (always, without authentication). Until it has,
+            it draws on a pool of its own and may hold only small frames, so that peers without a token can
+            never lock out those with one."""
+            if self.pool is self.server.untrusted and self.session.trusted:  # its bytes move with it
+                self.server.untrusted.held -= self.buffered
+                self.pool = self.server.trusted
+                self.server.trusted.held += self.buffered
+            return self.pool is self.server.trusted
+
         def hold(self, size: int):
             """Bound the bytes of unfinished requests, per connection and in the whole server."""
-            limit = self.server.settings.max_message_bytes + FRAME_HEADER.size
+            trusted = self.trusted()
+            limit = self.server.settings.max_message_bytes + FRAME_HEADER.size if trusted else UNTRUSTED_FRAME_BYTES
             if self.buffered + size > limit:
-                raise Overloaded(f"this connection's unfinished requests would hold more than {limit} bytes")
-            if self.server.buffered + size > limit * 4:
+                raise (Overloaded(f"this connection's unfinished requests would hold more than {limit} bytes")
+                       if trusted else FrameTooLarge(f"this connection's unfinished requests would hold more than"
+                                                     f" {limit} bytes"))
+            if not self.pool.take(size):
                 raise Overloaded("the server holds too many bytes of unfinished requests; try again")
             self.buffered += size
-            self.server.buffered += size
 
         def drop(self, stream_id: int):
             reader = self.readers.pop(stream_id, None)
+            self.progress.pop(stream_id, None)
             if reader is not None:
                 self.buffered -= len(reader.buffer)
-                self.server.buffered -= len(reader.buffer)
+                self.pool.take(-len(reader.buffer))
+
+        def reset_stalled(self, before: float):
+            """Reset the unfinished requests that received nothing since `before`."""
+            for stream_id in [stream_id for stream_id, at in self.progress.items() if at < before]:
+                self.reject(stream_id, Overloaded("this request received no bytes for too long; it was reset"))
+            self.transmit()
 
         async def handle(self, stream_id: int, message: dict):
             try:
@@ -2223,6 +2265,23 @@ def _server_protocol():
                 log.debug("stream %d: answer dropped: %s", stream_id, exc)
 
     return ServerProtocol
+
+
+UNTRUSTED_FRAME_BYTES = 64 * 1024  # what a connection without a valid token may hold: a registration is small
+
+
+class BytePool:
+    """Bytes of unfinished requests held against a cap."""
+
+    def __init__(self, cap: int):
+        self.cap, self.held = cap, 0
+
+    def take(self, size: int) -> bool:
+        """Hold `size` more bytes (or give back, when negative); False when that would pass the cap."""
+        if size > 0 and self.held + size > self.cap:
+            return False
+        self.held += size
+        return True
 
 
 class ProcessLauncher:
@@ -2292,7 +2351,12 @@ class Server:
         self.scheduler: Scheduler | None = None
         self._quic = None
         self._tasks: set[asyncio.Task] = set()
-        self.buffered = 0  # bytes of unfinished requests held by all connections
+        self._sweeper: asyncio.Task | None = None
+        self.connections: set = set()
+        # Unfinished requests of all connections: four maximal messages for those that showed a valid token
+        # (or all, without authentication), and a pool of their own for the others.
+        self.trusted = BytePool(4 * (self.settings.max_message_bytes + FRAME_HEADER.size))
+        self.untrusted = BytePool(256 * UNTRUSTED_FRAME_BYTES)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -2335,6 +2399,7 @@ class Server:
             launchers.append(self.worker.bind(self.core))
         self.scheduler = Scheduler(self.core, launchers, settings.executor if self.worker is not None else None)
         self.scheduler.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._reset_stalled())
         host, port = self.address
         log.info("runtara-core %s listening on %s:%d (QUIC, ALPN %s, %s loop), database %s", __version__, host, port,
                  ALPN, type(asyncio.get_running_loop()).__module__.split(".")[0], _redact(settings.database_url))
@@ -2353,6 +2418,15 @@ class Server:
             log.warning("the UDP receive buffer is %d KiB, not the %d KiB asked for; under load packets may be"
                         " dropped (raise net.core.rmem_max)", granted // 1024, self.RECEIVE_BUFFER // 1024)
 
+    async def _reset_stalled(self):
+        """Every second, reset the unfinished requests that received nothing for the stall timeout: a peer
+        cannot hold its share of the buffers for ever."""
+        loop, timeout = asyncio.get_running_loop(), self.settings.stall_timeout_ms / 1000
+        while True:
+            await asyncio.sleep(min(1.0, timeout))
+            for connection in list(self.connections):
+                connection.reset_stalled(loop.time() - timeout)
+
     async def __aenter__(self) -> "Server":
         return await self.start()
 
@@ -2367,6 +2441,9 @@ class Server:
         if self.scheduler is not None:
             await self.scheduler.stop()
             self.scheduler = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._tasks:
             done, pending = await asyncio.wait(set(self._tasks), timeout=10)
             for task in pending:
@@ -3026,6 +3103,12 @@ class Client(_Caller):
         self._owns_transport = transport is None
         secret = secret_from(env)
         self.token = token or env.get("RUNTARA_ADMIN_TOKEN") or (admin_token(secret) if secret else None)
+        if self.token and isinstance(self.transport, QuicTransport):
+            self.transport.on_connect = self._show_token
+
+    async def _show_token(self, protocol):
+        """A new connection shows the token first: until it has, the server takes only small frames on it."""
+        await self.transport.send(protocol, {"op": "health_check", "token": self.token})
 
     async def __aenter__(self) -> "Client":
         return self

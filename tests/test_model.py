@@ -344,7 +344,7 @@ class Model:
 
     def lease(self, iid, now) -> None:
         instance = self.instances[iid]
-        instance.lease_until = now + LAUNCH_TIMEOUT
+        instance.lease_until = now + LAUNCH_TIMEOUT + rc.Core.LAUNCH_LEASE_GRACE_MS
         instance.launch_attempts += 1
 
     def claim_map(self, iid) -> dict:
@@ -709,7 +709,7 @@ SEQUENCES = {
     "stale_claim_exit": [
         ("start_instance", dict(iid="i0", tenant=TENANT, input=b"")),
         ("claim_launches", {}),
-        ("advance_clock", dict(ms=1000)),
+        ("advance_clock", dict(ms=8000)),  # past the lease (the launch timeout and its grace)
         ("claim_launches", {}),
         ("launch_ended", dict(which=0, code=1)),
     ],

@@ -516,7 +516,7 @@ def test_hundreds_of_handshakes_at_once(server_process):
 
 
 def test_stream_buffers_are_freed_on_finish_reset_and_close(server):
-    held = lambda: server.server.buffered  # noqa: E731
+    held = lambda: server.server.trusted.held + server.server.untrusted.held  # noqa: E731
 
     async def wait_for(expected):
         for _ in range(100):
@@ -731,4 +731,42 @@ def test_answers_fit_the_frame_maximum_and_consume_nothing_they_do_not_carry(ser
             assert len(listed["events"]) == 3 and listed["total_count"] == 3
             for event in listed["events"]:
                 assert len(event["payload"]) == rc.PREVIEW_BYTES and event["payload_size"] == limit * 9 // 10
+    run(scenario())
+
+
+def test_slow_unauthenticated_clients_never_lock_out_a_holder_of_a_token(server_factory):
+    """Four connections holding almost complete 1 MiB frames made every registration OVERLOADED for as long as
+    they liked. Now a connection that has shown no valid token may hold only small frames, from a pool of its
+    own, and an unfinished request that receives nothing for the stall timeout is reset."""
+    server = server_factory(secret=SECRET, max_message_bytes=2**20, stall_timeout_ms=4000)
+    pools = server.server
+
+    async def scenario():
+        hanging = await open_connections(server.address[1], 100)
+        for _, protocol in hanging:  # each holds an unfinished frame just under the small limit, and waits
+            stream_id = protocol._quic.get_next_available_stream_id()
+            protocol._quic.send_stream_data(stream_id, rc.FRAME_HEADER.pack(rc.UNTRUSTED_FRAME_BYTES - 100, 1)
+                                            + b"\x00" * (rc.UNTRUSTED_FRAME_BYTES - 1000))
+            protocol.transmit()
+        big = hanging[0][1]
+        stream_id = big._quic.get_next_available_stream_id()
+        refused = big.send_request(rc.FRAME_HEADER.pack(2**20 - 100, 1) + b"\x00" * 100_000)
+        frame_type, reply = await refused  # a large frame before any token is refused at once
+        assert frame_type == rc.FRAME_ERROR and reply["code"] == "FRAME_TOO_LARGE" and "register" in reply["message"]
+        for _ in range(30):  # the hanging bytes arrive
+            if pools.untrusted.held >= 95 * (rc.UNTRUSTED_FRAME_BYTES - 1000):
+                break
+            await asyncio.sleep(0.1)
+        assert pools.untrusted.held >= 95 * (rc.UNTRUSTED_FRAME_BYTES - 1000)
+        async with instance(server) as inst:  # the holder of a token gets in, and may send large frames
+            assert (await inst.checkpoint("large", b"x" * (2**20 - 4096))).found is False
+        async with rc.Client(addr(server), env={"RUNTARA_SECRET": SECRET}) as operator:
+            await operator.send_custom_signal("i-1", "c", b"y" * (2**20 - 4096))
+        for _ in range(100):  # the stalled requests are reset, and their bytes freed
+            if pools.untrusted.held == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert pools.untrusted.held == 0 and pools.trusted.held == 0
+        for transport, _ in hanging:
+            await transport.close()
     run(scenario())
