@@ -3488,7 +3488,11 @@ def build_cli():
         return table
 
     def print_value(kind: str, value) -> None:
-        out.print(shown(value) if kind == "text" else Pretty(value))
+        if kind == "binary":  # bytes are shown as a preview: --raw writes them all
+            more = f" ... ({len(value)} bytes in all; --raw writes them)" if len(value) > PREVIEW_BYTES else ""
+            out.print(shown(repr(value[:PREVIEW_BYTES]) + more))
+        else:
+            out.print(shown(value) if kind == "text" else Pretty(value))
 
     def payload_preview(payload: bytes | None) -> str:
         if not payload:

@@ -239,3 +239,28 @@ def test_stored_text_is_shown_literally_and_never_sent_to_the_terminal(database_
             assert "\\x1b[31mred\\x" in shown and "[bold]payloa" in shown, shown  # folded at 80 columns
     missing = console("show", "no[/red]such", database_url=database_url)
     assert missing.returncode == 1 and missing.stderr.strip() == "error: no instance no[/red]such", missing.stderr
+
+
+def test_previews_of_a_hostile_payload_cost_little_memory(database_url):
+    """An 8 MiB payload of empty maps took the CLI's event preview to 686 MB: listings carry a bounded prefix,
+    decoded with the request decoder's bounds, and a whole state that does not decode within them is shown as
+    bytes."""
+    import resource
+
+    hostile = b"\xdc\x03\xe8" + b"\x80" * 1000  # one array of a thousand empty maps, 8 MiB of them below
+    payload = b"\xdd" + (8 * 1024).to_bytes(4, "big") + hostile * (8 * 1024)
+    now = rc.now_ms()
+    with rc.open_storage(database_url) as storage:
+        storage.write(rc.Tx.create_instance, "big", "t", now).result()
+        storage.write(rc.Tx.insert_event, "big", "custom", now, "s", None, payload).result()
+        storage.write(rc._register, "big", "t", None, None, now, 10).result()
+        storage.write(rc._checkpoint, "big", "c", payload, None, now, 1 << 30).result()
+    for command in (["events", "big"], ["show", "big"], ["checkpoint", "big", "c"]):
+        probe = ("import resource, sys, runtara_core; sys.argv[0] = 'runtara'\n"
+                 "try:\n    runtara_core.main(sys.argv[1:])\nexcept SystemExit as exit:\n    code = exit.code\n"
+                 "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stderr)")
+        done = subprocess.run([sys.executable, "-c", probe, *command, "--database-url", database_url], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        peak_mb = int(done.stderr.strip().splitlines()[-1])
+        assert "Traceback" not in done.stderr and peak_mb < 250, (command, peak_mb, done.stderr[-500:])
+    del resource
