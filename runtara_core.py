@@ -3071,9 +3071,14 @@ class Instance(_Caller):
                             raise
                         await self.retry_attempt(step_id, attempt, f"{type(exc).__name__}: {exc}")
                         await asyncio.sleep(min(backoff_ms * 2 ** (attempt - 1), max_backoff_ms) / 1000)
-                saved = await self.checkpoint(step_id, msgpack.packb(result))
+                try:
+                    packed = msgpack.packb(result)
+                except (TypeError, ValueError, OverflowError) as exc:  # nothing was saved
+                    raise TypeError(f"step {step_id} returned a {type(result).__name__}, which cannot be saved:"
+                                    f" {exc}; return None, bools, numbers, str, bytes, lists or dicts") from None
+                saved = await self.checkpoint(step_id, packed)
                 await self.obey(saved.signal)
-                return msgpack.unpackb(saved.state if saved.found else msgpack.packb(result), raw=False)
+                return msgpack.unpackb(saved.state if saved.found else packed, raw=False)
             return step
         return decorate
 

@@ -101,6 +101,27 @@ def test_an_exception_fails_the_instance(connect):
     assert status["status"] == "failed" and status["error"] == "ValueError: no such account"
 
 
+def test_a_step_result_that_cannot_be_saved_fails_naming_the_step_and_the_type(connect):
+    class Receipt:
+        pass
+
+    async def workflow():
+        async with connect(rc.Instance, "odd-result", "t", heartbeat_interval_ms=0) as inst:
+            @inst.durable("issue-receipt")
+            async def issue():
+                return Receipt()
+            await issue()
+
+    with pytest.raises(TypeError, match="step issue-receipt returned a Receipt, which cannot be saved"):
+        run(workflow())
+
+    async def check():
+        async with connect(rc.Client) as operator:
+            return await operator.get_instance_status("odd-result"), await operator.list_checkpoints("odd-result")
+    status, checkpoints = run(check())
+    assert status["status"] == "failed" and "issue-receipt" in status["error"] and checkpoints["total_count"] == 0
+
+
 @pytest.mark.parametrize("signal_type, status, exception", [("cancel", "cancelled", rc.Cancelled),
                                                             ("pause", "suspended", rc.Paused)])
 def test_durable_steps_obey_cancel_and_pause(connect, signal_type, status, exception):
