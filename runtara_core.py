@@ -573,6 +573,7 @@ class Dialect:
     migration_lock: str    # run first in every migration transaction
     capacity_lock: str     # run before counting busy slots, so two servers never both take the last one
     database_size: str
+    has_table: str         # counts the tables named ?, in the schema this connection works in
 
     @functools.lru_cache(maxsize=None)
     def sql(self, statement: str) -> str:
@@ -580,11 +581,13 @@ class Dialect:
 
 
 SQLITE = Dialect("sqlite", "?", "", "", "SELECT 1", "SELECT 1",  # SQLite's writers are serial already
-                 "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()")
+                 "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+                 "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?")
 POSTGRESQL = Dialect("postgresql", "%s", " FOR UPDATE", " FOR UPDATE SKIP LOCKED",
                      "SELECT pg_advisory_xact_lock(7361746172)",  # one migrator at a time per database
                      "SELECT pg_advisory_xact_lock(7361746173)",
-                     "SELECT pg_database_size(current_database())")
+                     "SELECT pg_database_size(current_database())",
+                     "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename = ?")
 
 INSTANCE_COLUMNS = ("instance_id", "tenant_id", "status", "checkpoint_id", "created_at_ms", "started_at_ms",
                     "finished_at_ms", "heartbeat_at_ms", "sleep_until_ms", "output", "error", "run", "workflow")
@@ -975,6 +978,13 @@ def _applied_migrations(tx: Tx) -> dict[int, tuple[str, int]]:
             tx.rows("SELECT version, name, applied_at_ms FROM runtara_migrations")}
 
 
+def _recorded_migrations(tx: Tx) -> set[int] | None:
+    """The versions recorded as applied, None when there is no record at all; without writing anything."""
+    if not tx.value(tx.dialect.has_table, "runtara_migrations"):
+        return None
+    return {row[0] for row in tx.rows("SELECT version FROM runtara_migrations")}
+
+
 def _apply_migration(tx: Tx, version: int, name: str, sql: str) -> bool:
     if version in _applied_migrations(tx):  # another process applied it while we waited for the lock
         return False
@@ -1017,12 +1027,22 @@ class Storage:
         """[(version, name, applied_at_ms or None)] for every migration, known or recorded."""
         applied = self.write(_applied_migrations).result()
         known = {version: name for version, name, _ in known_migrations(self.dialect)}
-        unknown = sorted(set(applied) - set(known))
-        if unknown:
-            version = unknown[0]
-            raise StorageError(f"the database has migration {version:03d}_{applied[version][0]}, which this version"
-                               f" of runtara-core ({__version__}) does not know; upgrade runtara-core")
+        _refuse_unknown(set(applied), known)
         return [(version, name, applied.get(version, (None, None))[1]) for version, name in sorted(known.items())]
+
+    def check_schema(self) -> None:
+        """Raise StorageError unless every migration this version knows is applied; reads only, so that a
+        look at a database never creates or upgrades it (an older server would then refuse it)."""
+        recorded = self.read(_recorded_migrations).result()
+        if not recorded:
+            raise StorageError("the database has no runtara-core tables; run 'runtara migrate' (or start the server)"
+                               " to create them")
+        known = {version: name for version, name, _ in known_migrations(self.dialect)}
+        _refuse_unknown(recorded, known)
+        pending = [f"{version:03d}_{name}" for version, name in sorted(known.items()) if version not in recorded]
+        if pending:
+            raise StorageError(f"the database needs migration {', '.join(pending)} of runtara-core {__version__};"
+                               f" run 'runtara migrate' (or start the server) to apply it")
 
     def migrate(self, progress: Callable[[int, str], None] | None = None) -> list[int]:
         """Apply pending migrations, each in its own transaction; the versions applied."""
@@ -1036,6 +1056,13 @@ class Storage:
                     log.info("applied migration %03d_%s", version, name)
                     done.append(version)
         return done
+
+
+def _refuse_unknown(applied: set[int], known: dict[int, str]) -> None:
+    unknown = sorted(applied - set(known))
+    if unknown:
+        raise StorageError(f"the database has migration {unknown[0]:03d}, which this version of runtara-core"
+                           f" ({__version__}) does not know; upgrade runtara-core")
 
 
 def _sqlite_rows(cursor, statement: str, args: tuple) -> list:
@@ -3424,7 +3451,7 @@ def build_cli():
     Limit = typer.Option(50, min=1, max=1000, help="How many rows at most")
 
     def fail(message: str) -> typer.Exit:
-        err.print(Text.assemble(("error:", "red"), " ", visible(message)), highlight=False)
+        err.print(Text.assemble(("error:", "red"), " ", visible(message)), highlight=False, soft_wrap=True)
         return typer.Exit(1)
 
     class Database:
@@ -3441,9 +3468,12 @@ def build_cli():
 
     @contextlib.contextmanager
     def database(url: str | None, create: bool = False):
-        """Open the database (never creating one unless asked); any RuntaraError becomes exit 1."""
+        """Open the database; unless asked to create it (and apply migrations), it must exist and be current,
+        and nothing about it changes but what the command writes. Any RuntaraError becomes exit 1."""
         try:
-            with open_storage(url or DEFAULT_DATABASE_URL, create=create) as storage:
+            with open_storage(url or DEFAULT_DATABASE_URL, create=create, migrate=create) as storage:
+                if not create:
+                    storage.check_schema()
                 yield Database(storage)
         except (RuntaraError, ValueError) as exc:
             raise fail(str(exc))

@@ -264,3 +264,25 @@ def test_previews_of_a_hostile_payload_cost_little_memory(database_url):
         peak_mb = int(done.stderr.strip().splitlines()[-1])
         assert "Traceback" not in done.stderr and peak_mb < 250, (command, peak_mb, done.stderr[-500:])
     del resource
+
+
+def test_reads_never_create_or_migrate_a_database(database_url, tmp_path):
+    """`runtara stats` on an empty PostgreSQL database created the tables, and any read applied newer
+    migrations, after which an older server refused the database. Reads say what to run instead."""
+    if database_url.startswith("sqlite"):
+        missing = console("stats", database_url=f"sqlite:///{tmp_path / 'none.db'}")
+        assert missing.returncode == 1 and "no database at" in missing.stderr and not (tmp_path / "none.db").exists()
+    with rc.open_storage(database_url, migrate=False) as storage:  # an empty database (an empty schema)
+        empty = console("stats", database_url=database_url)
+        assert empty.returncode == 1 and "run 'runtara migrate'" in empty.stderr, empty.stderr
+        assert storage.read(rc._recorded_migrations).result() is None  # no record table made either
+        older = [m for m in rc.known_migrations(storage.dialect) if m[0] < 3]  # as an older version left it
+        for version, name, sql in older:
+            storage.write(rc._apply_migration, version, name, sql).result()
+        for command in (["instances"], ["stats"], ["show", "x"], ["signal", "x", "cancel"], ["wakes"]):
+            done = console(*command, database_url=database_url)
+            assert done.returncode == 1 and "needs migration 003_runs" in done.stderr, (command, done.stderr)
+            assert len(done.stderr.strip().splitlines()) == 1
+        assert storage.read(rc._recorded_migrations).result() == {1, 2}  # still as it was
+        assert console("migrate", database_url=database_url).returncode == 0
+        assert console("stats", database_url=database_url).returncode == 0
