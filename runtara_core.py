@@ -317,6 +317,8 @@ TERMINAL = ("completed", "failed", "cancelled")
 ACTIVE = ("pending", "running", "suspended")
 SIGNAL_TYPES = ("cancel", "pause", "resume")
 EVENT_TYPES = ("heartbeat", "completed", "failed", "suspended", "custom")
+STORED_EVENT_TYPES = ("created", "started", "resumed", "completed", "failed", "suspended", "custom", "signal", "retry",
+                      "launched", "exited", "launch_failed", "restart", "forked", "forked_from")  # what events lists
 
 
 def encode_frame(frame_type: int, message: dict) -> bytes:
@@ -3395,6 +3397,10 @@ def visible(text: str) -> str:
     return CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
 
 
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _to_json(data) -> str:
     import base64
     import json
@@ -3411,7 +3417,9 @@ STATUS_STYLES = {"pending": "dim", "running": "green", "suspended": "yellow", "c
 
 
 def _stats(tx: Tx) -> dict:
-    return {"instances": tx.count_by_status(), "checkpoints": tx.count_checkpoints(), "events": tx.count_events(),
+    counts = tx.count_by_status()
+    return {"instances": {status: counts.get(status, 0) for status in STATUSES},
+            "checkpoints": tx.count_checkpoints(), "events": tx.count_events(),
             "database_bytes": tx.database_size(), "oldest_running": tx.oldest_running()}
 
 
@@ -3420,7 +3428,8 @@ def _show(tx: Tx, instance_id: str, checkpoints: int, events: int) -> dict:
     return {"instance": instance, "signal": tx.get_signal(instance_id),
             "checkpoints": tx.list_checkpoints(instance_id, limit=checkpoints),
             "checkpoint_count": tx.count_checkpoints(instance_id),
-            "events": tx.list_events(instance_id, limit=events), "event_count": tx.count_events(instance_id)}
+            "events": [_compact(event) for event in tx.list_events(instance_id, limit=events)],
+            "event_count": tx.count_events(instance_id)}
 
 
 def _checkpoint_state(tx: Tx, instance_id: str, checkpoint_id: str) -> bytes:
@@ -3445,6 +3454,16 @@ def build_cli():
     app = typer.Typer(help="runtara-core: a durable execution engine.", no_args_is_help=True,
                       pretty_exceptions_enable=False, add_completion=False)
     out, err = Console(), Console(stderr=True)
+
+    def show_version(value: bool) -> None:
+        if value:
+            typer.echo(f"runtara-core {__version__}")
+            raise typer.Exit()
+
+    @app.callback()
+    def runtara(version: bool = typer.Option(False, "--version", callback=show_version, is_eager=True,
+                                             help="Print the version and exit")):
+        """runtara-core: a durable execution engine."""
     DatabaseUrl = typer.Option(None, "--database-url", envvar="RUNTARA_DATABASE_URL", show_envvar=True,
                                help=f"Database URL [default: {DEFAULT_DATABASE_URL}]")
     Json = typer.Option(False, "--json", help="Print JSON only (bytes as base64)")
@@ -3630,7 +3649,7 @@ def build_cli():
             total = db.read(Tx.count_instances, tenant_id=tenant, status=status, since=created_since)
         if json:
             return emit_json({"instances": rows, "total_count": total})
-        out.print(instances_table(rows, title=f"{len(rows)} of {total} instances"))
+        out.print(instances_table(rows, title=f"{len(rows)} of {_counted(total, 'instance')}"))
 
     @app.command()
     def show(instance_id: str, database_url: str = DatabaseUrl, json: bool = Json):
@@ -3670,7 +3689,8 @@ def build_cli():
         if json:
             return emit_json(listed)
         out.print(checkpoints_table(listed["checkpoints"],
-                                    title=f"{len(listed['checkpoints'])} of {listed['total_count']} checkpoints"))
+                                    title=f"{len(listed['checkpoints'])} of"
+                                          f" {_counted(listed['total_count'], 'checkpoint')}"))
 
     @app.command()
     def checkpoint(instance_id: str, checkpoint_id: str, database_url: str = DatabaseUrl,
@@ -3694,11 +3714,14 @@ def build_cli():
                type: str = typer.Option(None, "--type", help="Only this event type"),
                subtype: str = typer.Option(None, help="Only this subtype"), limit: int = Limit, json: bool = Json):
         """List an instance's events, newest first."""
+        if type is not None and type not in STORED_EVENT_TYPES:
+            raise fail(f"unknown event type {type!r}: use one of {', '.join(STORED_EVENT_TYPES)}")
         with database(database_url) as db:
             listed = db.read(_list_events, instance_id, type, subtype, limit, 0)
         if json:
             return emit_json(listed)
-        out.print(events_table(listed["events"], title=f"{len(listed['events'])} of {listed['total_count']} events"))
+        out.print(events_table(listed["events"],
+                               title=f"{len(listed['events'])} of {_counted(listed['total_count'], 'event')}"))
 
     @app.command()
     def signal(instance_id: str, signal_type: str = typer.Argument(..., help="cancel, pause or resume"),
@@ -3850,7 +3873,7 @@ def build_cli():
         if json:
             return emit_json({"wakes": due})
         table = Table("instance", "tenant", "workflow", "checkpoint", "why", "launch", "attempts",
-                      title=f"{len(due)} instances waiting for a launch")
+                      title=f"{_counted(len(due), 'instance')} waiting for a launch")
 
         def why(d) -> str:
             if d["status"] == "pending":

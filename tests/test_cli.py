@@ -118,7 +118,8 @@ def test_signals_reach_the_instance(filled, server):
 
 def test_stats(filled):
     numbers = cli_json("stats", "--database-url", filled)
-    assert numbers["instances"] == {"completed": 1, "running": 1, "failed": 1}
+    assert numbers["instances"] == {"pending": 0, "running": 1, "suspended": 0, "completed": 1, "failed": 1,
+                                    "cancelled": 0}  # zero counts too, as the table lists them
     assert numbers["checkpoints"] == 5 and numbers["events"] >= 6 and numbers["database_bytes"] > 0
     assert numbers["oldest_running"]["instance_id"] == "order-2"
     assert "oldest running" in cli("stats", "--database-url", filled).stdout
@@ -286,3 +287,12 @@ def test_reads_never_create_or_migrate_a_database(database_url, tmp_path):
         assert storage.read(rc._recorded_migrations).result() == {1, 2}  # still as it was
         assert console("migrate", database_url=database_url).returncode == 0
         assert console("stats", database_url=database_url).returncode == 0
+
+
+def test_version_unknown_event_types_and_plurals(filled):
+    assert cli("--version").stdout.strip() == f"runtara-core {rc.__version__}"
+    bogus = cli("events", "order-1", "--type", "bogus", "--database-url", filled, code=1)
+    assert "unknown event type 'bogus'" in bogus.stderr
+    assert "1 of 1 event " in cli("events", "order-1", "--type", "custom", "--database-url", filled).stdout
+    shown = cli_json("show", "order-1", "--database-url", filled)
+    assert all(None not in event.values() for event in shown["events"])  # as `events --json` has them
