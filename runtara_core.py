@@ -1265,6 +1265,11 @@ class PostgresStorage(Storage):
             raise StorageError("PostgreSQL needs psycopg: pip install 'runtara-core[postgres]'") from None
         self._psycopg = psycopg
         self.url = url
+        try:  # one plain connection first: a refused port or a missing role is said at once, in one line
+            psycopg.connect(url, connect_timeout=max(1, int(connect_timeout))).close()
+        except psycopg.Error as exc:
+            reason = " ".join(str(exc).split())  # libpq's message spans lines
+            raise StorageError(f"cannot reach PostgreSQL at {_redact(url)}: {reason}") from None
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=connect_timeout, open=False,
                                     kwargs={"autocommit": False, "connect_timeout": max(1, int(connect_timeout))},
                                     check=ConnectionPool.check_connection, name="runtara")

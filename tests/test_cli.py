@@ -296,3 +296,20 @@ def test_version_unknown_event_types_and_plurals(filled):
     assert "1 of 1 event " in cli("events", "order-1", "--type", "custom", "--database-url", filled).stdout
     shown = cli_json("show", "order-1", "--database-url", filled)
     assert all(None not in event.values() for event in shown["events"])  # as `events --json` has them
+
+
+@pytest.mark.parametrize("url, cause", [("postgresql://postgres@127.0.0.1:1/postgres", "Connection refused"),
+                                        ("postgresql://runtara_nobody@127.0.0.1:5432/postgres",
+                                         'role "runtara_nobody" does not exist')])
+@pytest.mark.parametrize("command", [["stats"], ["serve", "--port", "0"]])
+def test_postgresql_mistakes_are_one_quick_line_naming_the_cause(postgres_url, url, cause, command):
+    """A wrong port took 5.3 s and printed the pool's warnings three times; a missing role ended with "pool
+    initialization incomplete"."""
+    import time
+
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(ROOT / "runtara_core.py"), *command, "--database-url", url],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and time.monotonic() - started < 3, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot reach PostgreSQL") and cause in errors[0], errors
