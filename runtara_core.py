@@ -3930,12 +3930,17 @@ def build_cli():
             summary = Text("  ").join(Text.assemble(status_text(s), f" {counts.get(s, 0)}") for s in STATUSES)
             return instances_table(rows, title=Text.assemble(summary, f"  ({_format_ms(now_ms())})"))
 
-        with database(database_url) as db, Live(snapshot(db), console=out, auto_refresh=False) as live:
-            shown = 1
-            with contextlib.suppress(KeyboardInterrupt):
+        with database(database_url) as db:
+            # On a terminal the table is redrawn in place; piped, each snapshot is printed as it is taken.
+            live = Live(snapshot(db), console=out, auto_refresh=False) if out.is_terminal else None
+            show = (lambda: live.update(snapshot(db), refresh=True)) if live else (lambda: out.print(snapshot(db)))
+            with live or contextlib.nullcontext(), contextlib.suppress(KeyboardInterrupt):
+                if live is None:
+                    show()
+                shown = 1
                 while iterations == 0 or shown < iterations:
                     time.sleep(interval)
-                    live.update(snapshot(db), refresh=True)
+                    show()
                     shown += 1
 
     return app

@@ -313,3 +313,15 @@ def test_postgresql_mistakes_are_one_quick_line_naming_the_cause(postgres_url, u
     assert done.returncode == 1 and time.monotonic() - started < 3, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: cannot reach PostgreSQL") and cause in errors[0], errors
+
+
+def test_watch_piped_prints_each_snapshot(filled):
+    """Piped, `watch` printed nothing until it stopped (a live display draws only on a terminal)."""
+    watcher = subprocess.Popen([sys.executable, str(ROOT / "runtara_core.py"), "watch", "--interval", "0.2",
+                                "--database-url", filled], stdout=subprocess.PIPE, text=True)
+    try:
+        first = watcher.stdout.readline()  # while it still runs
+        assert "running 1" in first and "failed 1" in first, first
+    finally:
+        watcher.kill()
+        watcher.wait(timeout=10)
