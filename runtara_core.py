@@ -1971,9 +1971,10 @@ class Core:
                           msgpack.packb({"pid": pid, "attempt": claim["launch_attempts"], "run": claim["run"] + 1}))
 
     async def still_launching(self, claim: dict) -> bool:
-        """True while the instance has begun no run since the claim and can still begin one."""
+        """True while the instance has begun no run since the claim (its launched process has not registered):
+        whatever became of the instance meanwhile, such a process past its launch timeout is to be killed."""
         instance = await self._read(Tx.get_instance, claim["instance_id"])
-        return instance is not None and instance["run"] == claim["run"] and instance["status"] not in TERMINAL
+        return instance is None or instance["run"] == claim["run"]
 
     async def launch_ended(self, claim: dict, pid: int | None, code: int | None, reason: str) -> str | None:
         status = await self._write(_launch_ended, claim, pid, code, reason, self.clock(), self.rules)

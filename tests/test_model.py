@@ -355,7 +355,7 @@ class Model:
 
     def still_launching(self, claim) -> bool:
         instance = self.instances[claim["instance_id"]]
-        return instance.run == claim["run"] and instance.status not in TERMINAL
+        return instance.run == claim["run"]  # not registered: killed at its timeout, whatever the instance is
 
     def launch_ended(self, claim, now) -> str:
         """A launched process ended: charged to its own launch only."""
