@@ -481,7 +481,10 @@ def check_events(value, field):
     events = []
     for index, event in enumerate(value):
         _check(isinstance(event, dict), f"{field}[{index}]", "a map")
-        events.append(parse_fields(OPERATIONS["instance_event"], event))
+        try:
+            events.append(parse_fields(OPERATIONS["instance_event"], event))
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"{field}[{index}]: {exc}") from None
     return events
 
 
@@ -980,11 +983,12 @@ def _applied_migrations(tx: Tx) -> dict[int, tuple[str, int]]:
             tx.rows("SELECT version, name, applied_at_ms FROM runtara_migrations")}
 
 
-def _recorded_migrations(tx: Tx) -> set[int] | None:
-    """The versions recorded as applied, None when there is no record at all; without writing anything."""
+def _recorded_migrations(tx: Tx) -> dict[int, str] | None:
+    """{version: name} of the migrations recorded as applied, None when there is no record at all; without
+    writing anything."""
     if not tx.value(tx.dialect.has_table, "runtara_migrations"):
         return None
-    return {row[0] for row in tx.rows("SELECT version FROM runtara_migrations")}
+    return dict(tx.rows("SELECT version, name FROM runtara_migrations"))
 
 
 def _apply_migration(tx: Tx, version: int, name: str, sql: str) -> bool:
@@ -1029,7 +1033,7 @@ class Storage:
         """[(version, name, applied_at_ms or None)] for every migration, known or recorded."""
         applied = self.write(_applied_migrations).result()
         known = {version: name for version, name, _ in known_migrations(self.dialect)}
-        _refuse_unknown(set(applied), known)
+        _refuse_unknown({version: name for version, (name, _) in applied.items()}, known)
         return [(version, name, applied.get(version, (None, None))[1]) for version, name in sorted(known.items())]
 
     def check_schema(self) -> None:
@@ -1060,11 +1064,12 @@ class Storage:
         return done
 
 
-def _refuse_unknown(applied: set[int], known: dict[int, str]) -> None:
-    unknown = sorted(applied - set(known))
+def _refuse_unknown(applied: dict[int, str], known: dict[int, str]) -> None:
+    unknown = sorted(set(applied) - set(known))
     if unknown:
-        raise StorageError(f"the database has migration {unknown[0]:03d}, which this version of runtara-core"
-                           f" ({__version__}) does not know; upgrade runtara-core")
+        version = unknown[0]
+        raise StorageError(f"the database has migration {version:03d}_{applied[version]}, which this version of"
+                           f" runtara-core ({__version__}) does not know; upgrade runtara-core")
 
 
 def _sqlite_rows(cursor, statement: str, args: tuple) -> list:
@@ -1222,11 +1227,14 @@ class SQLiteStorage(Storage):
         if conn is None:
             conn = self._reader_local.conn = self._connect(create=False)
             self._readers.append(conn)
-        conn.execute("BEGIN")
         try:
-            return fn(Tx(SQLITE, functools.partial(_sqlite_rows, conn.cursor())), *args, **kwargs)
-        finally:
-            conn.execute("COMMIT")
+            conn.execute("BEGIN")
+            try:
+                return fn(Tx(SQLITE, functools.partial(_sqlite_rows, conn.cursor())), *args, **kwargs)
+            finally:
+                conn.execute("COMMIT")
+        except self._apsw.Error as exc:
+            raise StorageError(f"SQLite read failed: {exc}") from None
 
     def close(self):
         with self._closing:  # idempotent, from any thread

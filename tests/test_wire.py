@@ -124,7 +124,7 @@ def test_parse_request_checks_every_field():
     ({"op": "list_instances", "limit": 0}, "from 1 to 1000"),
     ({"op": "list_instances", "status": "sleeping"}, "'status'"),
     ({"op": "instance_event_batch", "events": []}, "an array of 1 to 1000 event maps"),
-    ({"op": "instance_event_batch", "events": [{"instance_id": "i"}]}, "event_type"),
+    ({"op": "instance_event_batch", "events": [{"instance_id": "i"}]}, "events[0]: missing required field 'event_type'"),
     ({"op": "instance_event_batch", "events": ["x"]}, "events[0]"),
     ({"op": "health_check", "token": 7}, "'token'"),
 ])
