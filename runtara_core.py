@@ -2089,36 +2089,61 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
     os.replace(temporary, path)
 
 
+def _usable_certificate(cert_path: Path, key_path: Path) -> bool:
+    """A kept certificate is used unless it is missing, or an earlier version's CA:TRUE one, which strict
+    verifiers (rustls, webpki) refuse as a server's own certificate."""
+    if not (cert_path.exists() and key_path.exists()):
+        return False
+    from cryptography import x509
+
+    try:
+        constraints = x509.load_pem_x509_certificate(cert_path.read_bytes()).extensions.get_extension_for_class(
+            x509.BasicConstraints).value
+    except (ValueError, x509.ExtensionNotFound):
+        return True  # not one of ours: leave it alone
+    if constraints.ca:
+        log.warning("replacing %s: earlier versions made it a CA certificate, which rustls refuses", cert_path)
+    return not constraints.ca
+
+
 def ensure_certificate(settings: Settings) -> tuple[str, str]:
-    """The configured certificate, or a self-signed one for localhost made once and kept."""
+    """The configured certificate, or a self-signed one for localhost made once and kept: an end-entity
+    certificate (CA:FALSE, with key identifiers and the server key usages) that clients may trust as is."""
     if settings.tls_cert:
         return settings.tls_cert, settings.tls_key
     folder = state_dir(settings.database_url)
     cert_path, key_path = folder / TLS_CERT_FILE, folder / TLS_KEY_FILE
-    if cert_path.exists() and key_path.exists():
+    if _usable_certificate(cert_path, key_path):
         return str(cert_path), str(key_path)
     import fcntl
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".runtara-tls.lock", "w") as lock:  # servers starting together make one pair
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if cert_path.exists() and key_path.exists():
+        if _usable_certificate(cert_path, key_path):
             return str(cert_path), str(key_path)
         key = ec.generate_private_key(ec.SECP256R1())
+        public = key.public_key()
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
         start = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        signing_only = dict.fromkeys(("content_commitment", "key_encipherment", "data_encipherment", "key_agreement",
+                                      "key_cert_sign", "crl_sign", "encipher_only", "decipher_only"), False)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(public)
                 .serial_number(x509.random_serial_number()).not_valid_before(start)
                 .not_valid_after(start + datetime.timedelta(days=3650))
                 .add_extension(x509.SubjectAlternativeName([
                     x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                     x509.IPAddress(ipaddress.ip_address("::1"))]), critical=False)
-                .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=True, **signing_only), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+                .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
                 .sign(key, hashes.SHA256()))
         _write_file(key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                 serialization.NoEncryption()), 0o600)

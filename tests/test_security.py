@@ -770,3 +770,35 @@ def test_slow_unauthenticated_clients_never_lock_out_a_holder_of_a_token(server_
         for transport, _ in hanging:
             await transport.close()
     run(scenario())
+
+
+def test_the_generated_certificate_passes_a_verifier_as_strict_as_webpki(tmp_path):
+    """rustls refused the generated certificate (CaUsedAsEndEntity): it was its own CA. It is an end-entity
+    certificate now, which cryptography's X.509 verifier (webpki's rules) accepts as its own trust anchor for
+    every name the server answers to; one made by an earlier version is replaced."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.x509.verification import PolicyBuilder, Store
+
+    settings = rc.Settings(database_url=f"sqlite:///{tmp_path / 'x.db'}")
+    cert_file, _ = rc.ensure_certificate(settings)
+    cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    for name in (x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                 x509.IPAddress(ipaddress.ip_address("::1"))):
+        verifier = PolicyBuilder().store(Store([cert])).build_server_verifier(name)
+        assert verifier.verify(cert, [])[0] == cert
+
+    old = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    key = ec.generate_private_key(ec.SECP256R1())
+    made_before = (x509.CertificateBuilder().subject_name(old.subject).issuer_name(old.subject)
+                   .public_key(key.public_key()).serial_number(1).not_valid_before(old.not_valid_before_utc)
+                   .not_valid_after(old.not_valid_after_utc)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    Path(cert_file).write_bytes(made_before.public_bytes(serialization.Encoding.PEM))
+    replaced, _ = rc.ensure_certificate(settings)
+    renewed = x509.load_pem_x509_certificate(Path(replaced).read_bytes())
+    assert not renewed.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
