@@ -1783,6 +1783,9 @@ def _health(tx: Tx) -> int:
     return tx.count_running()
 
 
+SHUTTING_DOWN = "the server is shutting down"
+
+
 class Core:
     """The protocol's operations over a storage; the server and the embedded backend both call dispatch().
 
@@ -1797,6 +1800,7 @@ class Core:
         self.launched = self.settings.launched_workflows  # what has a launcher here; a Scheduler sets it
         self._waiters: dict[str, set[asyncio.Future]] = {}  # wait_instance requests, by instance
         self.closing = False
+        self._held: set[asyncio.Future] = set()  # resolved by close(): held requests answer at once
 
     def _write(self, fn, *args):
         return self.storage.write_soon(fn, *args)
@@ -1808,6 +1812,8 @@ class Core:
         """Answer one request map, or raise the RuntaraError that is its answer."""
         op, fields, token = parse_request(message)
         self.authorize(op, fields, token, session)
+        if self.closing and op == "register_instance":
+            raise Overloaded(SHUTTING_DOWN + "; register again in a few seconds, with this server restarted or another")
         try:
             reply = await getattr(self, op)(**fields)
         finally:
@@ -1826,9 +1832,21 @@ class Core:
                     waiter.set_result(None)
 
     def close(self) -> None:
-        """Answer every waiting request now: the server is stopping."""
+        """Answer every held request now and take no more registrations: the server is stopping."""
         self.closing = True
+        for held in self._held:
+            if not held.done():
+                held.set_result(None)
         self.changed(*list(self._waiters))
+
+    async def _hold(self, seconds: float) -> None:
+        """Wait `seconds`, or less if the server starts stopping meanwhile."""
+        held = asyncio.get_running_loop().create_future()
+        self._held.add(held)
+        try:
+            await asyncio.wait({held}, timeout=seconds)
+        finally:
+            self._held.discard(held)
 
     def authorize(self, op: str, fields: dict, token: str | None, session: Session) -> None:
         """PROTOCOL.md section 6; a no-op when no secret is set."""
@@ -1868,7 +1886,10 @@ class Core:
                                                self.clock(), self.settings.sleep_inline_max_ms)
         if not suspended:
             while (left := wake_at - self.clock()) > 0:  # asyncio may wake a hair early; never answer before the time
-                await asyncio.sleep(left / 1000)
+                if self.closing:  # the wake time stays stored: the sleep sent again waits only what is left
+                    raise Overloaded(SHUTTING_DOWN + "; send the sleep again once connected: it waits only what is"
+                                                     " left")
+                await self._hold(left / 1000)
             await self._write(Tx.clear_sleep, instance_id)
         return {"suspended": suspended, "wake_at_ms": wake_at}
 
@@ -3000,7 +3021,10 @@ class Instance(_Caller):
 
     async def __aexit__(self, exc_type, exc, tb) -> bool:
         try:
-            if exc is not None and not isinstance(exc, (Interrupted, asyncio.CancelledError, ConnectionLost)):
+            # A lost connection or a server that is full or stopping says nothing about the workflow: the run
+            # ends here and is relaunched, rather than the instance failed.
+            if exc is not None and not isinstance(exc, (Interrupted, asyncio.CancelledError, ConnectionLost,
+                                                        Overloaded)):
                 with contextlib.suppress(RuntaraError):
                     await self.failed(f"{type(exc).__name__}: {exc}")
         finally:

@@ -788,3 +788,53 @@ def test_cli_wait_exit_codes(serve, database_url):
     assert len(running.stderr.strip().splitlines()) == 1
     unknown = cli("wait", "nobody", "--database-url", database_url)
     assert unknown.returncode == 1, unknown.stderr
+
+
+def test_shutdown_answers_held_requests_at_once_and_refuses_registrations(server_factory):
+    """On SIGTERM an inline sleep in flight made the server wait about 10 s, then drop the connection without
+    an answer. Now it answers at once that the server is shutting down (the wake time stays, so the sleep sent
+    again waits only what is left), refuses new registrations the same way, and stops promptly."""
+    server = server_factory()
+
+    async def scenario():
+        inst = rc.Instance("napper", "t", server_addr=addr(server), heartbeat_interval_ms=0, env={})
+        await inst.register()
+        sleeping = asyncio.ensure_future(inst.sleep("nap", 30_000))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        stopping = asyncio.get_running_loop().run_in_executor(None, server.stop)
+        with pytest.raises(rc.Overloaded, match="shutting down"):
+            await sleeping
+        answered = time.monotonic() - started
+        await stopping
+        stopped = time.monotonic() - started
+        await inst.close()
+        return answered, stopped
+    answered, stopped = run(scenario())
+    assert answered < 2 and stopped < 4, (answered, stopped)
+
+
+def test_a_workflow_stopped_by_a_shutdown_is_not_failed(database_url):
+    """The shutdown answer is no fault of the workflow: `async with Instance()` reports nothing for it."""
+    async def scenario():
+        with rc.open_storage(database_url) as storage:
+            core = rc.Core(storage, rc.Settings(database_url=database_url))
+            transport = rc.EmbeddedTransport(core)
+            with pytest.raises(rc.Overloaded):
+                async with rc.Instance("stopped", "t", transport=transport, heartbeat_interval_ms=0, env={}) as inst:
+                    napping = asyncio.ensure_future(inst.sleep("nap", 30_000))
+                    await asyncio.sleep(0.2)
+                    core.close()
+                    await napping
+            return storage.read(rc.Tx.get_instance, "stopped").result()["status"]
+    assert run(scenario()) == "running"  # its run is dead; the scheduler relaunches it
+
+
+def test_a_stopping_core_refuses_registrations(database_url):
+    async def scenario():
+        with rc.open_storage(database_url) as storage:
+            core = rc.Core(storage, rc.Settings(database_url=database_url))
+            core.close()
+            with pytest.raises(rc.Overloaded, match="shutting down; register again"):
+                await core.dispatch({"op": "register_instance", "instance_id": "i", "tenant_id": "t"}, rc.Session())
+    run(scenario())
