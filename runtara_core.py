@@ -310,7 +310,7 @@ MAX_ID_BYTES = 512
 MAX_BATCH_EVENTS = 1000  # one batch is one transaction: bounded, so that no request holds the writer for long
 MAX_SIGNAL_PAYLOAD = 64 * 1024  # a signal's payload rides in every checkpoint answer until acknowledged
 PREVIEW_BYTES = 4096  # how much of an event's payload (or an error) a listing carries
-ANSWER_RESERVE = 4096  # room an answer keeps for its keys and ids beside its large values
+ANSWER_RESERVE = 4096  # room an answer keeps for its keys and ids beside large values (a tiny maximum: a quarter)
 
 STATUSES = ("pending", "running", "suspended", "completed", "failed", "cancelled")
 TERMINAL = ("completed", "failed", "cancelled")
@@ -767,7 +767,7 @@ class Tx:
     _SAVE = ("UPDATE instances SET heartbeat_at_ms = ?, checkpoint_id = CASE WHEN EXISTS (SELECT 1 FROM checkpoints c"
              " WHERE c.instance_id = instances.instance_id AND c.checkpoint_id = ?) THEN checkpoint_id ELSE ? END"
              " WHERE instance_id = ? AND status = 'running' AND run = COALESCE(?, run)"
-             " RETURNING sleep_until_ms, restarts,"
+             " RETURNING run, sleep_until_ms, restarts,"
              " (SELECT state FROM checkpoints c WHERE c.instance_id = instances.instance_id AND c.checkpoint_id = ?),"
              + ", ".join(f"(SELECT {column} FROM signals s WHERE s.instance_id = instances.instance_id)"
                          for column in SIGNAL_COLUMNS) +
@@ -778,13 +778,14 @@ class Tx:
                         run: int | None = None) -> dict | None:
         """Save a running instance's `state` unless this checkpoint id has one (the first state stays, forever),
         and stamp its heartbeat. None when the instance is not running (under `run`, when given); else
-        {"first": the state already saved or None, "sleep_until_ms", "signal": the pending signal or None,
+        {"first": the state already saved or None, "run": the current run, "sleep_until_ms",
+        "signal": the pending signal or None,
         "custom_size": the size of the custom signal waiting on this checkpoint id, or None}. A new checkpoint
         is progress: it ends a run of restarts."""
         row = self.row(self._SAVE, now, checkpoint_id, checkpoint_id, instance_id, run, checkpoint_id, checkpoint_id)
         if row is None:
             return None
-        sleep_until, restarts, first, signal_type, *signal, custom_size = row
+        run, sleep_until, restarts, first, signal_type, *signal, custom_size = row
         if first is None:
             if self.rows("INSERT INTO checkpoints (instance_id, checkpoint_id, state, created_at_ms)"
                          " VALUES (?, ?, ?, ?) ON CONFLICT (instance_id, checkpoint_id) DO NOTHING RETURNING 1",
@@ -793,7 +794,7 @@ class Tx:
                     self.rows("UPDATE instances SET restarts = 0 WHERE instance_id = ?", instance_id)
             else:
                 first = self.get_checkpoint(instance_id, checkpoint_id)  # a concurrent transaction saved it first
-        return {"first": first, "sleep_until_ms": sleep_until, "custom_size": custom_size,
+        return {"first": first, "run": run, "sleep_until_ms": sleep_until, "custom_size": custom_size,
                 "signal": dict(zip(SIGNAL_COLUMNS, (signal_type, *signal))) if signal_type else None}
 
     def get_checkpoint(self, instance_id: str, checkpoint_id: str) -> bytes | None:
@@ -887,6 +888,14 @@ class Tx:
 
     def clear_sleep(self, instance_id: str) -> None:
         self.rows("UPDATE instances SET sleep_until_ms = NULL WHERE instance_id = ?", instance_id)
+
+    def end_sleep(self, instance_id: str, wake_at: int, run: int) -> bool:
+        """An inline sleep of `run` until `wake_at` returns: it clears that wake time, unless another run took
+        the instance over meanwhile (whose own sleep it must not touch); False then."""
+        return bool(self.rows("UPDATE instances SET sleep_until_ms = CASE WHEN sleep_until_ms = ? AND status NOT IN"
+                              " ('completed', 'failed', 'cancelled') THEN NULL ELSE sleep_until_ms END"
+                              " WHERE instance_id = ? AND run = ? RETURNING 1",
+                              wake_at, instance_id, run))
 
     # What waits for a launch: orphaned runs (they hold their slot already), pending instances, and suspended ones
     # that are due: a resume is pending, or their wake time has passed and no pause is pending. Ordered by when
@@ -1478,11 +1487,11 @@ def _signals_that_fit(tx: Tx, instance_id, checkpoint_id, signal, custom_size, r
     return carried
 
 
-def _checkpoint(tx: Tx, instance_id, checkpoint_id, state, run, now, max_bytes) -> dict:
+def _checkpoint(tx: Tx, instance_id, checkpoint_id, state, run, now, room) -> dict:
     saved = _save(tx, instance_id, checkpoint_id, state, run, now, "save a checkpoint")
     first = saved["first"] or b""
     carried = _signals_that_fit(tx, instance_id, checkpoint_id, saved["signal"], saved["custom_size"],
-                                max_bytes - ANSWER_RESERVE - len(first))
+                                room - len(first))
     return _compact({"found": saved["first"] is not None, "state": first, "pending_signal": carried.get("signal"),
                      "custom_signal": carried.get("custom_signal")})
 
@@ -1493,23 +1502,24 @@ def _get_checkpoint(tx: Tx, instance_id, checkpoint_id) -> dict:
     return {"found": state is not None, "state": b"" if state is None else state}
 
 
-def _start_sleep(tx: Tx, instance_id, checkpoint_id, state, duration_ms, run, now, inline_max_ms) -> tuple[bool, int]:
-    """Save the checkpoint and settle the wake time: (suspended, wake_at_ms)."""
+def _start_sleep(tx: Tx, instance_id, checkpoint_id, state, duration_ms, run, now,
+                 inline_max_ms) -> tuple[bool, int, int]:
+    """Save the checkpoint and settle the wake time: (suspended, wake_at_ms, the run that sleeps)."""
     saved = _save(tx, instance_id, checkpoint_id, state, run, now, "sleep")
     replayed, stored = saved["first"] is not None, saved["sleep_until_ms"]
     if replayed and stored is not None:
         wake_at = stored  # a relaunched instance replaying its sleep waits only for what is left
     elif replayed:
-        return False, now  # this sleep already returned once; it is not slept again
+        return False, now, saved["run"]  # this sleep already returned once; it is not slept again
     else:
         wake_at = now + duration_ms
         tx.set_sleep(instance_id, wake_at)
     if wake_at - now <= inline_max_ms:
-        return False, wake_at
+        return False, wake_at, saved["run"]
     tx.transition(instance_id, "suspended", ("running",), now)
     tx.insert_event(instance_id, "suspended", now, subtype="sleep", checkpoint_id=checkpoint_id)
     _cancel_waiting(tx, instance_id, now)
-    return True, wake_at
+    return True, wake_at, saved["run"]
 
 
 def _apply_event(tx: Tx, now: int, instance_id, event_type, payload=None, subtype=None, checkpoint_id=None,
@@ -1538,11 +1548,11 @@ def _apply_events(tx: Tx, events: list[dict], now: int) -> int:
     return len(events)
 
 
-def _poll_signals(tx: Tx, instance_id, checkpoint_id, run, max_bytes) -> dict:
+def _poll_signals(tx: Tx, instance_id, checkpoint_id, run, room) -> dict:
     _check_run(_existing(tx, instance_id), run)
     custom_size = tx.custom_signal_size(instance_id, checkpoint_id) if checkpoint_id else None
     return _signals_that_fit(tx, instance_id, checkpoint_id, tx.get_signal(instance_id), custom_size,
-                             max_bytes - ANSWER_RESERVE)
+                             room)
 
 
 SIGNAL_EFFECTS = {"cancel": ("cancelled", ACTIVE), "pause": ("suspended", ("pending", "running"))}
@@ -1602,11 +1612,15 @@ def _send_signal(tx: Tx, instance_id, signal_type, payload, now) -> dict:
     if pending is not None and pending["signal_type"] == "cancel" and signal_type != "cancel":
         raise InvalidState(f"instance {instance_id} has a pending cancel; it takes no {signal_type}")
     immediate = SIGNAL_EFFECTS.get(signal_type)
-    if immediate and not process and status in immediate[1]:
+    if immediate and not process and status in immediate[1] or signal_type == "resume" and process:
+        # No process is involved, or (a resume to a live run) there is nothing to resume: it takes effect now,
+        # replacing a pending pause, instead of lingering to make a later sleep of the run due at once.
         tx.delete_signal(instance_id)
         _take_effect(tx, instance_id, signal_type, now, payload or None)
     else:
         tx.put_signal(instance_id, signal_type, payload, now)
+        if signal_type == "pause" and status == "suspended":  # a launch under way for it is called off
+            tx.end_launch(instance_id, instance["launch_after_ms"])
     return {"instance_id": instance_id, "signal_type": signal_type,
             "status": tx.get_instance(instance_id)["status"]}
 
@@ -1642,12 +1656,11 @@ def _fork_instance(tx: Tx, instance_id, new_instance_id, checkpoint_id, now) -> 
                      "checkpoints": tx.count_checkpoints(new_instance_id)})
 
 
-def _fitting(rows: list[dict], max_bytes: int | None) -> list[dict]:
-    """The first rows whose encoding fits in `max_bytes` (None: all): a listing's answer never exceeds the
-    frame maximum; the client asks for the rest with `offset`."""
-    if max_bytes is None:
+def _fitting(rows: list[dict], room: int | None) -> list[dict]:
+    """The first rows whose encodings add up to at most `room` bytes (None: all): a listing's answer never
+    exceeds the frame maximum; the client asks for the rest with `offset`."""
+    if room is None:
         return rows
-    room = max_bytes - ANSWER_RESERVE
     for count, row in enumerate(rows):
         room -= len(msgpack.packb(row))
         if room < 0:
@@ -1655,7 +1668,7 @@ def _fitting(rows: list[dict], max_bytes: int | None) -> list[dict]:
     return rows
 
 
-def _list_instances(tx: Tx, tenant_id, status, limit, offset, max_bytes=None) -> dict:
+def _list_instances(tx: Tx, tenant_id, status, limit, offset, room=None) -> dict:
     instances = tx.list_instances(tenant_id=tenant_id, status=status, limit=limit or 100, offset=offset or 0)
     listed = []
     for instance in instances:
@@ -1663,20 +1676,21 @@ def _list_instances(tx: Tx, tenant_id, status, limit, offset, max_bytes=None) ->
         if error is not None and len(error) > PREVIEW_BYTES:  # listings carry a preview of a long error
             instance = {**instance, "error": error[:PREVIEW_BYTES], "error_size": len(error)}
         listed.append(_status_map(instance, with_output=False))
-    return {"instances": _fitting(listed, max_bytes),
+    return {"instances": _fitting(listed, room),
             "total_count": tx.count_instances(tenant_id=tenant_id, status=status)}
 
 
-def _list_checkpoints(tx: Tx, instance_id, limit, offset) -> dict:
+def _list_checkpoints(tx: Tx, instance_id, limit, offset, room=None) -> dict:
     _existing(tx, instance_id)
-    return {"checkpoints": tx.list_checkpoints(instance_id, limit=limit or 100, offset=offset or 0),
+    checkpoints = tx.list_checkpoints(instance_id, limit=limit or 100, offset=offset or 0)
+    return {"checkpoints": _fitting(checkpoints, room),
             "total_count": tx.count_checkpoints(instance_id)}
 
 
-def _list_events(tx: Tx, instance_id, event_type, subtype, limit, offset, max_bytes=None) -> dict:
+def _list_events(tx: Tx, instance_id, event_type, subtype, limit, offset, room=None) -> dict:
     _existing(tx, instance_id)
     events = tx.list_events(instance_id, event_type, subtype, limit=limit or 100, offset=offset or 0)
-    return {"events": _fitting([_compact(event) for event in events], max_bytes),
+    return {"events": _fitting([_compact(event) for event in events], room),
             "total_count": tx.count_events(instance_id, event_type, subtype)}
 
 
@@ -1798,6 +1812,8 @@ class Core:
         self.started = time.monotonic()
         self.admin_token = admin_token(self.settings.secret) if self.settings.secret else None
         self.launched = self.settings.launched_workflows  # what has a launcher here; a Scheduler sets it
+        maximum = self.settings.max_message_bytes
+        self.answer_room = maximum - min(ANSWER_RESERVE, maximum // 4)  # for the large values of one answer
         self._waiters: dict[str, set[asyncio.Future]] = {}  # wait_instance requests, by instance
         self.closing = False
         self._held: set[asyncio.Future] = set()  # resolved by close(): held requests answer at once
@@ -1812,6 +1828,7 @@ class Core:
         """Answer one request map, or raise the RuntaraError that is its answer."""
         op, fields, token = parse_request(message)
         self.authorize(op, fields, token, session)
+        self.check_sizes(op, fields)
         if self.closing and op == "register_instance":
             raise Overloaded(SHUTTING_DOWN + "; register again in a few seconds, with this server restarted or another")
         try:
@@ -1823,6 +1840,19 @@ class Core:
         if op == "register_instance" and self.admin_token and not _same_token(token, self.admin_token):
             session.instance_id = fields["instance_id"]
         return reply
+
+    # The fields whose bytes are stored and come back in answers (a replayed checkpoint, a status map, an
+    # event listing, a delivered custom signal, a registration): each must leave an answer room to fit.
+    STORED_FIELDS = ("state", "payload", "input")
+
+    def check_sizes(self, op: str, fields: dict) -> None:
+        limit = self.answer_room
+        for values in (fields["events"] if op == "instance_event_batch" else [fields]):
+            for name in self.STORED_FIELDS:
+                value = values.get(name)
+                if value is not None and len(value) > limit:
+                    raise InvalidRequest(f"field {name!r} holds {len(value)} bytes; what is stored may hold at most"
+                                         f" {limit}, to leave an answer that carries it room for the rest")
 
     def changed(self, *instance_ids) -> None:
         """Wake the wait_instance requests of these instances, to look again."""
@@ -1876,21 +1906,22 @@ class Core:
 
     async def checkpoint(self, instance_id, checkpoint_id, state, run):
         return await self._write(_checkpoint, instance_id, checkpoint_id, state, run, self.clock(),
-                                 self.settings.max_message_bytes)
+                                 self.answer_room)
 
     async def get_checkpoint(self, instance_id, checkpoint_id):
         return await self._read(_get_checkpoint, instance_id, checkpoint_id)
 
     async def sleep(self, instance_id, checkpoint_id, state, duration_ms, run):
-        suspended, wake_at = await self._write(_start_sleep, instance_id, checkpoint_id, state, duration_ms, run,
-                                               self.clock(), self.settings.sleep_inline_max_ms)
+        suspended, wake_at, sleeper = await self._write(_start_sleep, instance_id, checkpoint_id, state, duration_ms,
+                                                        run, self.clock(), self.settings.sleep_inline_max_ms)
         if not suspended:
             while (left := wake_at - self.clock()) > 0:  # asyncio may wake a hair early; never answer before the time
                 if self.closing:  # the wake time stays stored: the sleep sent again waits only what is left
                     raise Overloaded(SHUTTING_DOWN + "; send the sleep again once connected: it waits only what is"
                                                      " left")
                 await self._hold(left / 1000)
-            await self._write(Tx.clear_sleep, instance_id)
+            if not await self._write(Tx.end_sleep, instance_id, wake_at, sleeper):
+                raise Superseded(f"run {sleeper} of instance {instance_id} was superseded while it slept")
         return {"suspended": suspended, "wake_at_ms": wake_at}
 
     async def instance_event(self, **event):
@@ -1908,7 +1939,7 @@ class Core:
 
     async def poll_signals(self, instance_id, checkpoint_id, run):
         job = self._write if checkpoint_id else self._read  # only a named checkpoint consumes a custom signal
-        return await job(_poll_signals, instance_id, checkpoint_id, run, self.settings.max_message_bytes)
+        return await job(_poll_signals, instance_id, checkpoint_id, run, self.answer_room)
 
     async def signal_ack(self, instance_id, signal_type, acknowledged, run):
         return await self._write(_signal_ack, instance_id, signal_type, acknowledged, run, self.clock())
@@ -1967,14 +1998,14 @@ class Core:
         return {"instance_id": instance_id, "checkpoint_id": checkpoint_id}
 
     async def list_instances(self, tenant_id, status, limit, offset):
-        return await self._read(_list_instances, tenant_id, status, limit, offset, self.settings.max_message_bytes)
+        return await self._read(_list_instances, tenant_id, status, limit, offset, self.answer_room)
 
     async def list_checkpoints(self, instance_id, limit, offset):
-        return await self._read(_list_checkpoints, instance_id, limit, offset)
+        return await self._read(_list_checkpoints, instance_id, limit, offset, self.answer_room)
 
     async def list_events(self, instance_id, event_type, subtype, limit, offset):
         return await self._read(_list_events, instance_id, event_type, subtype, limit, offset,
-                                self.settings.max_message_bytes)
+                                self.answer_room)
 
     # -- the scheduler's rules (section 5): a Scheduler drives them, launchers run what they decide ----------
 
@@ -2302,9 +2333,9 @@ def _server_protocol():
             it draws on a pool of its own and may hold only small frames, so that peers without a token can
             never lock out those with one."""
             if self.pool is self.server.untrusted and self.session.trusted:  # its bytes move with it
-                self.server.untrusted.held -= self.buffered
+                self.server.untrusted.held -= _pooled(self.buffered)
                 self.pool = self.server.trusted
-                self.server.trusted.held += self.buffered
+                self.server.trusted.held += _pooled(self.buffered)
             return self.pool is self.server.trusted
 
         def hold(self, size: int):
@@ -2315,7 +2346,7 @@ def _server_protocol():
                 raise (Overloaded(f"this connection's unfinished requests would hold more than {limit} bytes")
                        if trusted else FrameTooLarge(f"this connection's unfinished requests would hold more than"
                                                      f" {limit} bytes"))
-            if not self.pool.take(size):
+            if not self.pool.take(_pooled(self.buffered + size) - _pooled(self.buffered)):
                 raise Overloaded("the server holds too many bytes of unfinished requests; try again")
             self.buffered += size
 
@@ -2323,8 +2354,8 @@ def _server_protocol():
             reader = self.readers.pop(stream_id, None)
             self.progress.pop(stream_id, None)
             if reader is not None:
+                self.pool.take(_pooled(self.buffered - len(reader.buffer)) - _pooled(self.buffered))
                 self.buffered -= len(reader.buffer)
-                self.pool.take(-len(reader.buffer))
 
         def reset_stalled(self, before: float):
             """Reset the unfinished requests that received nothing since `before`."""
@@ -2357,6 +2388,14 @@ def _server_protocol():
 
 
 UNTRUSTED_FRAME_BYTES = 64 * 1024  # what a connection without a valid token may hold: a registration is small
+# Each connection's first unfinished bytes are its own, outside the shared pools: however a peer fills them, a
+# small request (a registration, a checkpoint of a small state, an operator's listing) always gets in.
+CONNECTION_ALLOWANCE = 4096
+
+
+def _pooled(buffered: int) -> int:
+    """What a connection holding `buffered` bytes of unfinished requests draws from its pool."""
+    return max(0, buffered - CONNECTION_ALLOWANCE)
 
 
 class BytePool:
@@ -2486,7 +2525,7 @@ class Server:
         launchers = [ProcessLauncher(self.core, self.address)] if settings.launched_workflows != () else []
         if self.worker is not None:
             launchers.append(self.worker.bind(self.core))
-        self.scheduler = Scheduler(self.core, launchers, settings.executor if self.worker is not None else None)
+        self.scheduler = Scheduler(self.core, launchers, self.worker.executor if self.worker is not None else None)
         self.scheduler.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._reset_stalled())
         host, port = self.address
@@ -3648,7 +3687,7 @@ def build_cli():
         workflows: str = typer.Option(None, help="A module or .py file defining a Worker: its workflows run in"
                                                  " this process"),
         executor: str = typer.Option(None, help="The name this server's in-process runs are claimed under"
-                                                " [env RUNTARA_EXECUTOR; default local]"),
+                                                " [default: the Worker's own, else env RUNTARA_EXECUTOR, else local]"),
         launch_timeout_ms: int = typer.Option(None, help="[env RUNTARA_LAUNCH_TIMEOUT_MS; default 30000]"),
         launch_max_attempts: int = typer.Option(None, help="[env RUNTARA_LAUNCH_MAX_ATTEMPTS; default 5]"),
         wake_interval_ms: int = typer.Option(None, help="[env RUNTARA_WAKE_INTERVAL_MS; default 1000]"),
@@ -3677,6 +3716,8 @@ def build_cli():
                                          sqlite_synchronous=sqlite_synchronous and sqlite_synchronous.upper(),
                                          event_loop=event_loop and event_loop.lower())
             worker = None if workflows is None else load_worker(workflows)
+            if worker is not None and executor:
+                worker.executor = executor
             run_server(settings, worker)
         except (ValueError, OSError, ImportError, RuntaraError) as exc:
             raise fail(str(exc))

@@ -838,3 +838,95 @@ def test_a_stopping_core_refuses_registrations(database_url):
             with pytest.raises(rc.Overloaded, match="shutting down; register again"):
                 await core.dispatch({"op": "register_instance", "instance_id": "i", "tenant_id": "t"}, rc.Session())
     run(scenario())
+
+
+# -- what a review broke ------------------------------------------------------------------------
+
+
+def embedded_core(storage, database_url, **settings):
+    return rc.Core(storage, rc.Settings(database_url=database_url, **settings))
+
+
+def test_a_superseded_runs_inline_sleep_leaves_the_newer_runs_wake_time(storage, database_url):
+    """The older run's inline sleep, ending, cleared whatever wake time was stored: the newer run's long sleep
+    lost its wake time and the instance could never wake."""
+    core = embedded_core(storage, database_url, sleep_inline_max_ms=2000)
+
+    async def scenario():
+        older = rc.Instance("i", "t", transport=rc.EmbeddedTransport(core), heartbeat_interval_ms=0, env={})
+        await older.register()
+        napping = asyncio.ensure_future(older.sleep("short", 1000))
+        await asyncio.sleep(0.2)
+        newer = rc.Instance("i", "t", transport=rc.EmbeddedTransport(core), heartbeat_interval_ms=0, env={})
+        await newer.register()
+        with pytest.raises(rc.Suspended) as suspended:
+            await newer.sleep("long", 60_000)
+        with pytest.raises(rc.Superseded):
+            await napping
+        return suspended.value.wake_at_ms
+    wake_at = run(scenario())
+    assert storage.read(rc.Tx.get_instance, "i").result()["sleep_until_ms"] == wake_at
+
+
+def test_stored_values_must_leave_their_answers_room(storage, database_url):
+    """A start_instance input the registration answer could never carry was accepted, and every registration
+    then committed a run and answered FRAME_TOO_LARGE."""
+    core = embedded_core(storage, database_url, max_message_bytes=100_000)
+
+    async def scenario():
+        big = b"x" * (core.answer_room + 1)
+        for message in ({"op": "start_instance", "instance_id": "i", "tenant_id": "t", "input": big},
+                        {"op": "send_custom_signal", "instance_id": "i", "checkpoint_id": "c", "payload": big}):
+            with pytest.raises(rc.InvalidRequest, match="holds"):
+                await core.dispatch(message, rc.Session())
+        assert (await core.dispatch({"op": "get_instance_status", "instance_id": "i"}, rc.Session()))["found"] is False
+        await core.dispatch({"op": "start_instance", "instance_id": "i", "tenant_id": "t",
+                             "input": big[:-1]}, rc.Session())
+        registered = await core.dispatch({"op": "register_instance", "instance_id": "i", "tenant_id": "t"},
+                                         rc.Session())
+        assert len(rc.encode_frame(rc.FRAME_RESPONSE, registered)) - rc.FRAME_HEADER.size <= 100_000
+    run(scenario())
+
+
+def test_a_pause_calls_off_the_launch_of_a_due_sleeper(storage, database_url):
+    """A pause sent while a due sleeper was being launched left the lease, which let the launched process
+    register and run although the instance was paused."""
+    core = embedded_core(storage, database_url, launch_command="x", sleep_inline_max_ms=0)
+
+    async def scenario():
+        session = rc.Session()
+        await core.dispatch({"op": "register_instance", "instance_id": "i", "tenant_id": "t"}, session)
+        await core.dispatch({"op": "sleep", "instance_id": "i", "checkpoint_id": "nap", "state": b"",
+                             "duration_ms": 1}, session)
+        await asyncio.sleep(0.01)
+        [claim] = await core.claim_launches()
+        sent = await core.dispatch({"op": "send_signal", "instance_id": "i", "signal_type": "pause"}, session)
+        assert sent["status"] == "suspended"
+        with pytest.raises(rc.InvalidState, match="paused"):
+            await core.dispatch({"op": "register_instance", "instance_id": "i", "tenant_id": "t"}, session)
+        assert await core.launch_ended(claim, 1, 1, "exited with code 1") == "suspended"  # not a failed launch
+        assert storage.read(rc.Tx.count_events, "i", "launch_failed").result() == 0
+    run(scenario())
+
+
+def test_a_resume_to_a_live_run_takes_effect_at_once(storage, database_url):
+    """A resume sent to a running instance lingered, and made its next long sleep due at once."""
+    core = embedded_core(storage, database_url)
+
+    async def scenario():
+        session = rc.Session()
+        await core.dispatch({"op": "register_instance", "instance_id": "i", "tenant_id": "t"}, session)
+        await core.dispatch({"op": "send_signal", "instance_id": "i", "signal_type": "pause"}, session)
+        sent = await core.dispatch({"op": "send_signal", "instance_id": "i", "signal_type": "resume"}, session)
+        assert sent["status"] == "running"
+        assert "signal" not in await core.dispatch({"op": "poll_signals", "instance_id": "i"}, session)
+    run(scenario())
+    assert storage.read(rc.Tx.count_events, "i", "signal", "resume").result() == 1
+
+
+def test_serve_with_a_worker_claims_under_the_workers_executor(database_url):
+    """Server.start used the settings' executor, so two servers with Workers of different names both claimed
+    as "local" and each declared the other's live runs dead."""
+    worker = rc.Worker(database_url, executor="edge-7")
+    with rc.ServerThread(rc.Settings(database_url=database_url, port=0), worker=worker) as server:
+        assert server.server.scheduler.executor == "edge-7"

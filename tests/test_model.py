@@ -299,8 +299,13 @@ class Model:
             transition(instance, "suspended", (instance.status,), now)
             instance.sleep_until = None  # paused: no pause is left pending, so no wake time either
             instance.events.append(("signal", "pause"))
+        elif signal_type == "resume" and not dead:  # nothing to resume in a live run: it replaces a pause
+            instance.signal = None
+            instance.events.append(("signal", "resume"))
         else:
             instance.signal = (signal_type, now)
+            if signal_type == "pause" and instance.status == "suspended":  # a launch under way is called off
+                instance.lease_until = None
         return {"instance_id": iid, "signal_type": signal_type, "status": instance.status}
 
     def start(self, iid, tenant, input, now) -> dict:

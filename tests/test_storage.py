@@ -257,13 +257,13 @@ def test_a_checkpoint_saves_only_while_the_instance_runs_and_answers_what_waits_
     assert r(storage, Tx.count_checkpoints, "i-1") == 0
     w(storage, Tx.begin_run, "i-1", T0, None)
     assert w(storage, Tx.save_checkpoint, "i-1", "c-1", b"s", T0 + 5) == {
-        "first": None, "sleep_until_ms": None, "signal": None, "custom_size": None}
+        "first": None, "run": 1, "sleep_until_ms": None, "signal": None, "custom_size": None}
     assert r(storage, Tx.get_instance, "i-1")["heartbeat_at_ms"] == T0 + 5
     w(storage, Tx.put_signal, "i-1", "pause", b"why", T0 + 6)
     w(storage, Tx.put_custom_signal, "i-1", "c-2", b"hello", T0 + 6)
     w(storage, Tx.set_sleep, "i-1", T0 + 99)
     assert w(storage, Tx.save_checkpoint, "i-1", "c-2", b"t", T0 + 7) == {
-        "first": None, "sleep_until_ms": T0 + 99, "custom_size": 5,
+        "first": None, "run": 1, "sleep_until_ms": T0 + 99, "custom_size": 5,
         "signal": {"signal_type": "pause", "payload": b"why", "created_at_ms": T0 + 6}}
     assert w(storage, Tx.save_checkpoint, "i-1", "c-1", b"again", T0 + 8)["first"] == b"s"
     assert r(storage, Tx.get_instance, "i-1")["checkpoint_id"] == "c-2"  # a replayed id does not become the latest
