@@ -108,6 +108,8 @@ def spawn_server(database_url: str, folder, port: int, *args, **popen):
 
 async def wait_ready(port: int, process=None) -> None:
     for _ in range(150):
+        if process is not None and process.poll() is not None:  # it died at start: say why at once
+            raise AssertionError(f"the server exited with {process.returncode}: {process.stderr.read()}")
         transport = rc.QuicTransport("127.0.0.1", port)
         transport.CONNECT_TIMEOUT_S = 0.5
         try:

@@ -15,7 +15,7 @@ import msgpack
 import pytest
 
 import runtara_core as rc
-from conftest import addr, free_udp_port, run, spawn_server
+from conftest import addr, free_udp_port, run, spawn_server, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 Tx = rc.Tx
@@ -377,23 +377,6 @@ asyncio.run(main())
 '''
 
 
-async def _ready(port, process):
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited with {process.returncode}: {process.stderr.read()}")
-        transport = rc.QuicTransport("127.0.0.1", port)
-        transport.CONNECT_TIMEOUT_S = 0.5
-        try:
-            await transport.request({"op": "health_check"})
-            return
-        except rc.ConnectionLost:
-            await asyncio.sleep(0.1)
-        finally:
-            await transport.close()
-    raise AssertionError("the server never answered")
-
-
 def test_serve_runs_in_process_and_external_workflows_side_by_side(database_url, tmp_path):
     (tmp_path / "flows.py").write_text(FLOWS.format(root=str(ROOT)))
     (tmp_path / "ext.py").write_text(EXTERNAL.format(root=str(ROOT)))
@@ -401,7 +384,7 @@ def test_serve_runs_in_process_and_external_workflows_side_by_side(database_url,
     server = spawn_server(database_url, tmp_path, port, "--workflows", "flows.py",
                           "--launch", f"ext={sys.executable} ext.py", "--wake-interval-ms", "100")
     try:
-        run(_ready(port, server))
+        run(wait_ready(port, server))
 
         async def scenario():
             async with rc.Client(f"127.0.0.1:{port}", env={}) as client:
