@@ -862,10 +862,10 @@ class Tx:
     def delete_signal(self, instance_id: str) -> None:
         self.rows("DELETE FROM signals WHERE instance_id = ?", instance_id)
 
-    def ack_signal(self, instance_id: str, signal_type: str) -> bool:
-        """Clear the pending signal if it is of `signal_type`; True when it was."""
-        return bool(self.rows("DELETE FROM signals WHERE instance_id = ? AND signal_type = ? RETURNING 1",
-                              instance_id, signal_type))
+    def ack_signal(self, instance_id: str, signal_type: str) -> bytes | None:
+        """Clear the pending signal if it is of `signal_type`: its payload then, else None."""
+        return self.value("DELETE FROM signals WHERE instance_id = ? AND signal_type = ? RETURNING payload",
+                          instance_id, signal_type)
 
     def put_custom_signal(self, instance_id: str, checkpoint_id: str, payload: bytes, now: int) -> None:
         self.rows("INSERT INTO custom_signals (instance_id, checkpoint_id, payload, created_at_ms) VALUES (?, ?, ?, ?)"
@@ -1579,10 +1579,10 @@ def _cancel_waiting(tx: Tx, instance_id: str, now: int) -> None:
 
 def _signal_ack(tx: Tx, instance_id, signal_type, acknowledged, run, now) -> dict:
     _check_run(_existing(tx, instance_id, lock=True), run)
-    applied = acknowledged and tx.ack_signal(instance_id, signal_type)
-    if applied:
-        _take_effect(tx, instance_id, signal_type, now)
-    return {"status": tx.get_instance(instance_id)["status"], "applied": applied}
+    payload = tx.ack_signal(instance_id, signal_type) if acknowledged else None
+    if payload is not None:
+        _take_effect(tx, instance_id, signal_type, now, payload or None)  # the event keeps what the operator said
+    return {"status": tx.get_instance(instance_id)["status"], "applied": payload is not None}
 
 
 def _retry_attempt(tx: Tx, instance_id, checkpoint_id, attempt_number, error_message, timestamp_ms, run, now) -> None:

@@ -200,6 +200,8 @@ def test_cancel_polled_then_acknowledged(server):
             assert (await inst.poll_signals(force=True))["signal"]["signal_type"] == "cancel"
             assert await inst.ack("cancel") == "cancelled"
             assert "signal" not in await inst.poll_signals(force=True)
+            [event] = (await operator.list_events("i-1", event_type="signal"))["events"]
+            assert event["subtype"] == "cancel" and event["payload"] == b"\x00why\xff"  # what the operator said
             status = await inst.status()
             assert status["status"] == "cancelled" and status["finished_at_ms"] >= status["started_at_ms"]
             assert await inst.get_checkpoint("c") == b""  # saved before the cancel, still readable

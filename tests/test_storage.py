@@ -356,8 +356,8 @@ def test_one_pending_signal_newer_replaces_older(storage):
     w(storage, Tx.put_signal, "i-1", "pause", b"p", T0)
     w(storage, Tx.put_signal, "i-1", "cancel", b"\x00c", T0 + 1)
     assert r(storage, Tx.get_signal, "i-1") == {"signal_type": "cancel", "payload": b"\x00c", "created_at_ms": T0 + 1}
-    assert w(storage, Tx.ack_signal, "i-1", "pause") is False  # the replaced one is gone
-    assert w(storage, Tx.ack_signal, "i-1", "cancel") is True
+    assert w(storage, Tx.ack_signal, "i-1", "pause") is None  # the replaced one is gone
+    assert w(storage, Tx.ack_signal, "i-1", "cancel") == b"\x00c"  # its payload, for the event
     assert r(storage, Tx.get_signal, "i-1") is None
 
 
