@@ -3710,7 +3710,6 @@ def build_cli():
                                          sleep_inline_max_ms=sleep_inline_max_ms,
                                          heartbeat_timeout_ms=heartbeat_timeout_ms, launch_command=launch_command,
                                          workflow_commands=workflow_commands or None, max_restarts=max_restarts,
-                                         executor=executor,
                                          launch_timeout_ms=launch_timeout_ms, launch_max_attempts=launch_max_attempts,
                                          wake_interval_ms=wake_interval_ms, max_message_bytes=max_message_bytes,
                                          sqlite_synchronous=sqlite_synchronous and sqlite_synchronous.upper(),
