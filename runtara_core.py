@@ -64,6 +64,11 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def counted(count: int, noun: str) -> str:
+    """'1 write', '2 writes': for messages a person reads."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 async def within(awaitable, seconds: float):
     """Await with a deadline, raising asyncio.TimeoutError past it. Unlike asyncio.wait_for on Python 3.10
     and 3.11, a cancellation that arrives just as the awaited work finishes is never swallowed, and a timed-out
@@ -137,50 +142,55 @@ class Settings:
     sqlite_synchronous: str = "FULL"
     event_loop: str = "auto"  # what `serve` runs on: uvloop when installed ("auto"), or "uvloop", "asyncio"
 
+    # The variable each setting is read from; `secret` comes from secret_from(), the rest have no variable.
+    VARIABLES = {"database_url": "RUNTARA_DATABASE_URL", "host": "RUNTARA_HOST", "port": "RUNTARA_QUIC_PORT",
+                 "tls_cert": "RUNTARA_TLS_CERT", "tls_key": "RUNTARA_TLS_KEY",
+                 "max_message_bytes": "RUNTARA_MAX_MESSAGE_BYTES",
+                 "max_concurrent_instances": "RUNTARA_MAX_CONCURRENT_INSTANCES",
+                 "sleep_inline_max_ms": "RUNTARA_SLEEP_INLINE_MAX_MS",
+                 "heartbeat_timeout_ms": "RUNTARA_HEARTBEAT_TIMEOUT_MS", "wake_interval_ms": "RUNTARA_WAKE_INTERVAL_MS",
+                 "launch_command": "RUNTARA_LAUNCH_COMMAND", "launch_timeout_ms": "RUNTARA_LAUNCH_TIMEOUT_MS",
+                 "launch_max_attempts": "RUNTARA_LAUNCH_MAX_ATTEMPTS", "max_restarts": "RUNTARA_MAX_RESTARTS",
+                 "executor": "RUNTARA_EXECUTOR", "stall_timeout_ms": "RUNTARA_STALL_TIMEOUT_MS",
+                 "sqlite_synchronous": "RUNTARA_SQLITE_SYNCHRONOUS", "event_loop": "RUNTARA_EVENT_LOOP"}
+
     @classmethod
-    def from_env(cls, env=None, **overrides) -> "Settings":
-        """Settings from RUNTARA_* variables (`env`, else os.environ), with `overrides` that are not None."""
+    def from_env(cls, env=None, names: dict[str, str] | None = None, **overrides) -> "Settings":
+        """Settings from RUNTARA_* variables (`env`, else os.environ), with `overrides` that are not None.
+        A value the server cannot use is a ValueError naming where it came from: the variable, else the
+        override's entry in `names` (the CLI's `--port`), else the keyword."""
         env = os.environ if env is None else env
-        settings = cls(
-            database_url=env.get("RUNTARA_DATABASE_URL") or DEFAULT_DATABASE_URL,
-            host=env.get("RUNTARA_HOST") or "127.0.0.1",
-            port=_env_int(env, "RUNTARA_QUIC_PORT", 8001),
-            tls_cert=env.get("RUNTARA_TLS_CERT") or None,
-            tls_key=env.get("RUNTARA_TLS_KEY") or None,
-            secret=secret_from(env),
-            max_message_bytes=_env_int(env, "RUNTARA_MAX_MESSAGE_BYTES", MAX_PAYLOAD_BYTES),
-            max_concurrent_instances=_env_int(env, "RUNTARA_MAX_CONCURRENT_INSTANCES", 32),
-            sleep_inline_max_ms=_env_int(env, "RUNTARA_SLEEP_INLINE_MAX_MS", 60_000),
-            heartbeat_timeout_ms=_env_int(env, "RUNTARA_HEARTBEAT_TIMEOUT_MS", 120_000),
-            wake_interval_ms=_env_int(env, "RUNTARA_WAKE_INTERVAL_MS", 1_000),
-            launch_command=env.get("RUNTARA_LAUNCH_COMMAND") or None,
-            launch_timeout_ms=_env_int(env, "RUNTARA_LAUNCH_TIMEOUT_MS", 30_000),
-            launch_max_attempts=_env_int(env, "RUNTARA_LAUNCH_MAX_ATTEMPTS", 5),
-            max_restarts=_env_int(env, "RUNTARA_MAX_RESTARTS", 5),
-            executor=env.get("RUNTARA_EXECUTOR") or "local",
-            stall_timeout_ms=_env_int(env, "RUNTARA_STALL_TIMEOUT_MS", 10_000),
-            sqlite_synchronous=(env.get("RUNTARA_SQLITE_SYNCHRONOUS") or "FULL").upper(),
-            event_loop=(env.get("RUNTARA_EVENT_LOOP") or "auto").lower(),
-        )
-        settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items() if v is not None})
-        settings.validate()
+        given = {key: value for key, value in overrides.items() if value is not None}
+        values = {"secret": secret_from(env)}
+        for field in dataclasses.fields(cls):
+            variable = cls.VARIABLES.get(field.name)
+            if field.name in given or variable is None or not env.get(variable):
+                continue
+            values[field.name] = (_env_int(env, variable, field.default) if field.type == "int" else
+                                  env[variable].upper() if field.name == "sqlite_synchronous" else
+                                  env[variable].lower() if field.name == "event_loop" else env[variable])
+        settings = cls(**{**values, **given})
+        settings.validate(lambda field: (names or {}).get(field, field) if field in given else cls.VARIABLES[field])
         return settings
 
-    def validate(self) -> None:
-        """Raise ValueError, naming the setting, for a value the server cannot use."""
+    def validate(self, name: Callable[[str], str] = lambda field: Settings.VARIABLES.get(field, field)) -> None:
+        """Raise ValueError, naming the setting as `name(field)` says, for a value the server cannot use."""
+        for field in dataclasses.fields(self):
+            if field.type == "int" and getattr(self, field.name) < 0:
+                raise ValueError(f"{name(field.name)} must not be negative, not {getattr(self, field.name)}")
         if not 1 <= self.max_message_bytes <= MAX_PAYLOAD_BYTES:
-            raise ValueError(f"RUNTARA_MAX_MESSAGE_BYTES must be between 1 and {MAX_PAYLOAD_BYTES}")
+            raise ValueError(f"{name('max_message_bytes')} must be between 1 and {MAX_PAYLOAD_BYTES}")
         if self.sqlite_synchronous not in ("FULL", "NORMAL"):
-            raise ValueError("RUNTARA_SQLITE_SYNCHRONOUS must be FULL or NORMAL")
+            raise ValueError(f"{name('sqlite_synchronous')} must be FULL or NORMAL, not {self.sqlite_synchronous!r}")
         if self.event_loop not in ("auto", "uvloop", "asyncio"):
-            raise ValueError("RUNTARA_EVENT_LOOP must be auto, uvloop or asyncio")
+            raise ValueError(f"{name('event_loop')} must be auto, uvloop or asyncio, not {self.event_loop!r}")
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"RUNTARA_QUIC_PORT must be a UDP port number, not {self.port}")
+            raise ValueError(f"{name('port')} must be a UDP port number, not {self.port}")
         for workflow, command in ((None, self.launch_command), *self.workflow_commands.items()):
             if command is not None and not shlex.split(command):
                 raise ValueError(f"the launch command{f' for {workflow}' if workflow else ''} is empty")
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("RUNTARA_TLS_CERT and RUNTARA_TLS_KEY must be set together")
+            raise ValueError(f"{name('tls_cert')} and {name('tls_key')} must be set together")
 
     def command_for(self, workflow: str) -> str | None:
         """The launch command for `workflow`: its own, else the default, else None."""
@@ -2580,8 +2590,8 @@ class Server:
             self._quic.close()
             self._quic = None
         if self.storage is not None and self._owns_storage:
-            log.info("%s: %d writes committed in %d transactions", self.storage.dialect.name, self.storage.writes,
-                     self.storage.commits)
+            log.info("%s: %s committed in %s", self.storage.dialect.name, counted(self.storage.writes, "write"),
+                     counted(self.storage.commits, "transaction"))
             await asyncio.to_thread(self.storage.close)
             self.storage = None
         log.info("runtara-core stopped")
@@ -2882,9 +2892,10 @@ class EmbeddedTransport:
         self.session = Session()
 
     @classmethod
-    def open(cls, database_url: str = DEFAULT_DATABASE_URL, settings: Settings | None = None) -> "EmbeddedTransport":
-        """Open the database and a Core over it; close() closes both."""
-        settings = settings or Settings(database_url=database_url)
+    def open(cls, database_url: str | None = None, settings: Settings | None = None) -> "EmbeddedTransport":
+        """Open the database and a Core over it, with the settings given, else the RUNTARA_* variables the
+        server reads; close() closes both."""
+        settings = settings or Settings.from_env(database_url=database_url)
         storage = open_storage(settings.database_url, synchronous=settings.sqlite_synchronous)
         return cls(Core(storage, settings), owns_storage=True)
 
@@ -2942,12 +2953,16 @@ class CheckpointResult:
 class _Caller:
     """Sends operations through a transport, adding the token."""
 
-    transport: Any
     token: str | None = None
-    _owns_transport = False
+
+    def _use(self, transport, owns_transport: bool, server_addr: str | None, env, options: dict) -> None:
+        """Send through `transport`, closed by close() only when `owns_transport`, so that one transport can
+        serve many callers; without one, through a QUIC transport made from the environment, always closed."""
+        self.transport = transport or QuicTransport.from_env(server_addr, env, **options)
+        self._owns_transport = transport is None or owns_transport
 
     async def close(self) -> None:
-        """Close the transport if this object made it."""
+        """Close the transport if this object made it or was given it to own."""
         if self._owns_transport:
             await self.transport.close()
 
@@ -2997,7 +3012,8 @@ class Instance(_Caller):
     """A workflow instance's side of the protocol. Arguments default to the environment the server's
     launcher sets: RUNTARA_INSTANCE_ID, RUNTARA_TENANT_ID, RUNTARA_SERVER_ADDR, RUNTARA_CA_FILE,
     RUNTARA_SKIP_CERT_VERIFICATION, RUNTARA_INSTANCE_TOKEN, RUNTARA_CHECKPOINT_ID,
-    RUNTARA_HEARTBEAT_INTERVAL_MS.
+    RUNTARA_HEARTBEAT_INTERVAL_MS. A `transport` given (an EmbeddedTransport, or a QuicTransport shared by
+    several instances) stays open when the instance closes, unless `owns_transport=True`.
 
         async with Instance() as instance:
             @instance.durable("fetch")
@@ -3007,8 +3023,9 @@ class Instance(_Caller):
 
     def __init__(self, instance_id: str | None = None, tenant_id: str | None = None, *,
                  server_addr: str | None = None, transport=None, token: str | None = None,
-                 checkpoint_id: str | None = None, heartbeat_interval_ms: int | None = None,
-                 poll_interval_ms: int = 1000, env=None, **transport_options):
+                 owns_transport: bool = False, checkpoint_id: str | None = None,
+                 heartbeat_interval_ms: int | None = None, poll_interval_ms: int = 1000, env=None,
+                 **transport_options):
         env = os.environ if env is None else env
         self.instance_id = instance_id or env.get("RUNTARA_INSTANCE_ID")
         self.tenant_id = tenant_id or env.get("RUNTARA_TENANT_ID")
@@ -3019,8 +3036,7 @@ class Instance(_Caller):
         self.heartbeat_interval_ms = (_env_int(env, "RUNTARA_HEARTBEAT_INTERVAL_MS", 30_000)
                                       if heartbeat_interval_ms is None else heartbeat_interval_ms)
         self.poll_interval_ms = poll_interval_ms
-        self.transport = transport or QuicTransport.from_env(server_addr, env, **transport_options)
-        self._owns_transport = transport is None
+        self._use(transport, owns_transport, server_addr, env, transport_options)
         if self.token and isinstance(self.transport, QuicTransport):
             self.transport.on_connect = self._rebind  # a new connection must register again to be bound
         self.registration: dict | None = None
@@ -3232,11 +3248,10 @@ class Instance(_Caller):
 class Client(_Caller):
     """An operator's side of the protocol (PROTOCOL.md section 3.2)."""
 
-    def __init__(self, server_addr: str | None = None, *, transport=None, token: str | None = None, env=None,
-                 **transport_options):
+    def __init__(self, server_addr: str | None = None, *, transport=None, owns_transport: bool = False,
+                 token: str | None = None, env=None, **transport_options):
         env = os.environ if env is None else env
-        self.transport = transport or QuicTransport.from_env(server_addr, env, **transport_options)
-        self._owns_transport = transport is None
+        self._use(transport, owns_transport, server_addr, env, transport_options)
         secret = secret_from(env)
         self.token = token or env.get("RUNTARA_ADMIN_TOKEN") or (admin_token(secret) if secret else None)
         if self.token and isinstance(self.transport, QuicTransport):
@@ -3499,9 +3514,6 @@ def visible(text: str) -> str:
     return CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
 
 
-def _counted(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
 
 def _to_json(data) -> str:
     import base64
@@ -3545,6 +3557,7 @@ def _checkpoint_state(tx: Tx, instance_id: str, checkpoint_id: str) -> bytes:
 def build_cli():
     """The `runtara` command. typer and rich are imported here, so embedding the engine never pays for them."""
     import typer
+    import typer.core
     from rich.console import Console, Group
     from rich.live import Live
     from rich.panel import Panel
@@ -3553,9 +3566,32 @@ def build_cli():
     from rich.table import Table
     from rich.text import Text
 
-    app = typer.Typer(help="runtara-core: a durable execution engine.", no_args_is_help=True,
-                      pretty_exceptions_enable=False, add_completion=False)
     out, err = Console(), Console(stderr=True)
+
+    def say_error(message: str) -> int:
+        err.print(Text.assemble(("error:", "red"), " ", visible(message)), highlight=False, soft_wrap=True)
+        return 1
+
+    class OneLineErrors(typer.core.TyperGroup):
+        """Every mistake is one line on stderr, `error: ...`, and exit code 1: a usage mistake click finds
+        (which it would box on several lines, with code 2) as much as one a command finds."""
+
+        def main(self, args=None, prog_name=None, **extra):
+            args = list(sys.argv[1:] if args is None else args) or ["--help"]  # nothing asked: the help
+            extra["standalone_mode"] = False
+            try:
+                code = super().main(args, prog_name, **extra)
+            except typer.TyperException as exc:
+                context = getattr(exc, "ctx", None)
+                code = say_error(exc.format_message().strip().rstrip(".") +
+                                 (f" (see {context.command_path} --help)" if context else ""))
+            except typer.Abort:
+                code = 1
+            sys.exit(code or 0)
+
+    app = typer.Typer(cls=OneLineErrors, help="runtara-core: a durable execution engine.",
+                      rich_markup_mode=None,  # plain help: it wraps, where rich's boxes cut long option names
+                      pretty_exceptions_enable=False, add_completion=False)
 
     def show_version(value: bool) -> None:
         if value:
@@ -3572,8 +3608,7 @@ def build_cli():
     Limit = typer.Option(50, min=1, max=1000, help="How many rows at most")
 
     def fail(message: str) -> typer.Exit:
-        err.print(Text.assemble(("error:", "red"), " ", visible(message)), highlight=False, soft_wrap=True)
-        return typer.Exit(1)
+        return typer.Exit(say_error(message))
 
     class Database:
         """The storage, answering blocking calls for the commands."""
@@ -3668,43 +3703,59 @@ def build_cli():
                           shown(payload_preview(e.get("payload"))))
         return table
 
+    defaults = {field.name: field.default for field in dataclasses.fields(Settings)}
+
+    def setting(field: str, help: str = "", option: str | None = None, **extra):
+        """A `serve` option for a Settings field: unset, the field's variable (else its default) holds."""
+        variable, default = Settings.VARIABLES.get(field), defaults.get(field)
+        shown_default = {None: "none", dataclasses.MISSING: "none", False: "off"}.get(default, default)
+        notes = (f"[env var: {variable}] " if variable else "") + f"[default: {shown_default}]"
+        return typer.Option(None, *([option] if option else []), help=f"{help} {notes}".strip(), **extra)
+
     @app.command()
     def serve(
-        database_url: str = DatabaseUrl,
-        host: str = typer.Option(None, help="Address to bind [env RUNTARA_HOST; default 127.0.0.1]"),
-        port: int = typer.Option(None, help="UDP port [env RUNTARA_QUIC_PORT; default 8001]"),
-        tls_cert: str = typer.Option(None, help="PEM certificate [env RUNTARA_TLS_CERT]"),
-        tls_key: str = typer.Option(None, help="PEM private key [env RUNTARA_TLS_KEY]"),
-        insecure: bool = typer.Option(False, help="Allow a non-loopback address without RUNTARA_SECRET"),
-        max_concurrent_instances: int = typer.Option(None, help="[env RUNTARA_MAX_CONCURRENT_INSTANCES; default 32]"),
-        sleep_inline_max_ms: int = typer.Option(None, help="[env RUNTARA_SLEEP_INLINE_MAX_MS; default 60000]"),
-        heartbeat_timeout_ms: int = typer.Option(None, help="[env RUNTARA_HEARTBEAT_TIMEOUT_MS; default 120000]"),
-        launch: list[str] = typer.Option(None, help="Command that launches instances, split like a shell would;"
-                                                    " NAME=CMD for workflow NAME only (repeatable)"
-                                                    " [env RUNTARA_LAUNCH_COMMAND: the default command]"),
-        max_restarts: int = typer.Option(None, help="Relaunches of a dead run in a row without a new checkpoint"
-                                                    " [env RUNTARA_MAX_RESTARTS; default 5]"),
+        database_url: str = setting("database_url", "Database URL"),
+        host: str = setting("host", "Address to bind"),
+        port: int = setting("port", "UDP port (0: any free one)", min=0, max=65535),
+        tls_cert: str = setting("tls_cert", "PEM certificate (default: one made beside the database)"),
+        tls_key: str = setting("tls_key", "PEM private key"),
+        insecure: bool = typer.Option(False, help="Allow a non-loopback address without RUNTARA_SECRET (no"
+                                                  " variable: a choice made on the command line)"),
+        max_concurrent_instances: int = setting("max_concurrent_instances", "Instances running at once", min=1),
+        sleep_inline_max_ms: int = setting("sleep_inline_max_ms", "Longest sleep answered on the connection;"
+                                           " longer ones suspend the instance", min=0),
+        heartbeat_timeout_ms: int = setting("heartbeat_timeout_ms", "Silence after which a run is dead", min=1),
+        launch: list[str] = setting("launch_command", "Command that launches instances, split like a shell"
+                                    " would; NAME=CMD for workflow NAME only (repeatable)"),
+        max_restarts: int = setting("max_restarts", "Relaunches of a dead run in a row without a new"
+                                    " checkpoint", min=0),
         workflows: str = typer.Option(None, help="A module or .py file defining a Worker: its workflows run in"
-                                                 " this process"),
-        executor: str = typer.Option(None, help="The name this server's in-process runs are claimed under"
-                                                " [default: the Worker's own, else env RUNTARA_EXECUTOR, else local]"),
-        launch_timeout_ms: int = typer.Option(None, help="[env RUNTARA_LAUNCH_TIMEOUT_MS; default 30000]"),
-        launch_max_attempts: int = typer.Option(None, help="[env RUNTARA_LAUNCH_MAX_ATTEMPTS; default 5]"),
-        wake_interval_ms: int = typer.Option(None, help="[env RUNTARA_WAKE_INTERVAL_MS; default 1000]"),
-        max_message_bytes: int = typer.Option(None, help="[env RUNTARA_MAX_MESSAGE_BYTES; default 67108864]"),
-        sqlite_synchronous: str = typer.Option(None, help="FULL or NORMAL [env RUNTARA_SQLITE_SYNCHRONOUS]"),
-        event_loop: str = typer.Option(None, "--loop", help="auto (uvloop if installed), uvloop or asyncio"
-                                                            " [env RUNTARA_EVENT_LOOP]"),
-        log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR"),
+                                                 " this process [default: none]"),
+        executor: str = setting("executor", "The name this server's in-process runs are claimed under"
+                                " (a Worker's own name comes first)"),
+        launch_timeout_ms: int = setting("launch_timeout_ms", "Time a launched process has to register", min=1),
+        launch_max_attempts: int = setting("launch_max_attempts", "Failed launches in a row before the"
+                                           " instance fails", min=1),
+        wake_interval_ms: int = setting("wake_interval_ms", "How often the scheduler looks for work", min=1),
+        max_message_bytes: int = setting("max_message_bytes", "Largest request payload", min=1,
+                                         max=MAX_PAYLOAD_BYTES),
+        sqlite_synchronous: str = setting("sqlite_synchronous", "FULL or NORMAL"),
+        event_loop: str = setting("event_loop", "auto (uvloop if installed), uvloop or asyncio", "--loop"),
+        log_level: str = typer.Option("INFO", envvar="RUNTARA_LOG_LEVEL", show_envvar=True,
+                                      help="DEBUG, INFO, WARNING or ERROR"),
     ):
         """Run the QUIC server until SIGINT or SIGTERM. RUNTARA_SECRET_FILE (or RUNTARA_SECRET; environment only)
         turns on authentication."""
+        if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise fail(f"--log-level must be DEBUG, INFO, WARNING or ERROR, not {log_level!r}")
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if log_level.upper() != "DEBUG":
             logging.getLogger("quic").setLevel(logging.WARNING)  # aioquic says two lines per connection
         try:
             launch_command, workflow_commands = parse_launch(launch or ())
-            settings = Settings.from_env(database_url=database_url, host=host, port=port, tls_cert=tls_cert,
+            names = {field: "--" + field.replace("_", "-") for field in Settings.VARIABLES}
+            settings = Settings.from_env(names={**names, "event_loop": "--loop", "launch_command": "--launch"},
+                                         database_url=database_url, host=host, port=port, tls_cert=tls_cert,
                                          tls_key=tls_key, insecure=insecure or None,
                                          max_concurrent_instances=max_concurrent_instances,
                                          sleep_inline_max_ms=sleep_inline_max_ms,
@@ -3752,7 +3803,7 @@ def build_cli():
             total = db.read(Tx.count_instances, tenant_id=tenant, status=status, since=created_since)
         if json:
             return emit_json({"instances": rows, "total_count": total})
-        out.print(instances_table(rows, title=f"{len(rows)} of {_counted(total, 'instance')}"))
+        out.print(instances_table(rows, title=f"{len(rows)} of {counted(total, 'instance')}"))
 
     @app.command()
     def show(instance_id: str, database_url: str = DatabaseUrl, json: bool = Json):
@@ -3793,7 +3844,7 @@ def build_cli():
             return emit_json(listed)
         out.print(checkpoints_table(listed["checkpoints"],
                                     title=f"{len(listed['checkpoints'])} of"
-                                          f" {_counted(listed['total_count'], 'checkpoint')}"))
+                                          f" {counted(listed['total_count'], 'checkpoint')}"))
 
     @app.command()
     def checkpoint(instance_id: str, checkpoint_id: str, database_url: str = DatabaseUrl,
@@ -3824,7 +3875,7 @@ def build_cli():
         if json:
             return emit_json(listed)
         out.print(events_table(listed["events"],
-                               title=f"{len(listed['events'])} of {_counted(listed['total_count'], 'event')}"))
+                               title=f"{len(listed['events'])} of {counted(listed['total_count'], 'event')}"))
 
     @app.command()
     def signal(instance_id: str, signal_type: str = typer.Argument(..., help="cancel, pause or resume"),
@@ -3963,8 +4014,9 @@ def build_cli():
         if json:
             return emit_json(result)
         verb = "would remove" if dry_run else "removed"
-        out.print(f"{verb} {summary['instances'] if dry_run else removed} instances finished before"
-                  f" {_format_ms(before)}, with {summary['checkpoints']} checkpoints and {summary['events']} events")
+        out.print(f"{verb} {counted(summary['instances'] if dry_run else removed, 'instance')} finished before"
+                  f" {_format_ms(before)}, with {counted(summary['checkpoints'], 'checkpoint')} and"
+                  f" {counted(summary['events'], 'event')}")
 
     @app.command()
     def wakes(database_url: str = DatabaseUrl, limit: int = Limit, json: bool = Json):
@@ -3976,7 +4028,7 @@ def build_cli():
         if json:
             return emit_json({"wakes": due})
         table = Table("instance", "tenant", "workflow", "checkpoint", "why", "launch", "attempts",
-                      title=f"{_counted(len(due), 'instance')} waiting for a launch")
+                      title=f"{counted(len(due), 'instance')} waiting for a launch")
 
         def why(d) -> str:
             if d["status"] == "pending":

@@ -199,7 +199,7 @@ def run_quic(label: str, database_url: str, folder: str, instances: int, checkpo
         cpu = server.cpu() - cpu
     finally:
         log = server.stop()
-    found = re.findall(r"(\d+) writes committed in (\d+) transactions", log)
+    found = re.findall(r"(\d+) writes? committed in (\d+) transactions?", log)
     writes, commits = map(int, found[-1]) if found else (0, 0)
     # Commits during the timed part, estimated from the server's totals (registrations and completions are
     # two more writes per instance).

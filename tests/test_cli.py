@@ -2,6 +2,8 @@
 
 import base64
 import json
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,7 +136,7 @@ def test_gc_removes_exactly_what_it_says(filled):
     assert dry == {"instances": 1, "checkpoints": 4, "events": 3, "dry_run": True, "removed_instances": 0}
     assert cli_json("stats", "--database-url", filled)["instances"]["completed"] == 1  # nothing went
     done = cli("gc", "--older-than", "30d", "--database-url", filled, "--batch-size", "1")
-    assert "removed 1 instances" in done.stdout
+    assert "removed 1 instance finished" in done.stdout
     left = cli_json("instances", "--database-url", filled)
     assert {i["instance_id"] for i in left["instances"]} == {"order-2", "report-1"}
     assert cli_json("stats", "--database-url", filled)["checkpoints"] == 1
@@ -325,3 +327,59 @@ def test_watch_piped_prints_each_snapshot(filled):
     finally:
         watcher.kill()
         watcher.wait(timeout=10)
+
+
+def script(*args, env=None) -> subprocess.CompletedProcess:
+    """The real console script, piped, at 80 columns, without RUNTARA_* variables unless given."""
+    clean = {k: v for k, v in __import__("os").environ.items() if not k.startswith("RUNTARA_")}
+    return subprocess.run([sys.executable, str(ROOT / "runtara_core.py"), *args], capture_output=True, text=True,
+                          timeout=60, env={**clean, "COLUMNS": "80", **(env or {})})
+
+
+@pytest.mark.parametrize("args, says", [
+    (["serve", "--port", "x"], "'--port'"), (["serve", "--port", "70000"], "'--port'"), (["bogus"], "bogus"),
+    (["show"], "Missing argument"), (["serve", "--nope"], "--nope"), (["instances", "--limit", "0"], "'--limit'"),
+    (["serve", "--loop", "trio"], "--loop must be"), (["serve", "--log-level", "loud"], "--log-level must be"),
+    (["serve", "--max-restarts", "-1"], "'--max-restarts'"), (["serve", "--max-message-bytes", "0"], "'--max-message-bytes'"),
+])
+def test_every_mistake_is_one_line_with_exit_code_1_naming_what_was_typed(args, says, tmp_path):
+    """Usage mistakes exited 2 with a boxed message of several lines, other mistakes 1 with one line; and an
+    error named RUNTARA_QUIC_PORT for a --port the user typed."""
+    done = script(*args, "--database-url", f"sqlite:///{tmp_path / 'x.db'}") if args[0] == "serve" else script(*args)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+    assert "RUNTARA_" not in lines[0]
+
+
+def test_a_variable_is_named_when_the_mistake_is_in_the_variable(tmp_path):
+    done = script("serve", "--database-url", f"sqlite:///{tmp_path / 'x.db'}", env={"RUNTARA_QUIC_PORT": "x"})
+    assert done.returncode == 1 and done.stderr == "error: RUNTARA_QUIC_PORT must be a whole number, not 'x'\n"
+    done = script("serve", env={"RUNTARA_EVENT_LOOP": "trio", "RUNTARA_DATABASE_URL": f"sqlite:///{tmp_path}/x.db"})
+    assert done.stderr.startswith("error: RUNTARA_EVENT_LOOP must be"), done.stderr
+
+
+def test_serve_help_gives_every_option_its_default_and_variable():
+    """Seven of serve's options showed neither their default nor their variable."""
+    text = " ".join(script("serve", "--help").stdout.split())
+    options = re.split(r" (?=--[a-z-]+ )(?<!/ )", text.split("Options:")[1])[1:]  # each option with its help
+    assert len(options) == 21, options
+    for option in options:
+        assert option.startswith("--help") or "default: " in option, option
+    for field, variable in rc.Settings.VARIABLES.items():
+        if field not in ("stall_timeout_ms",):  # no option: an operator's knob for hostile networks only
+            assert f"[env var: {variable}]" in text, variable
+    assert script().returncode == 0 and "Commands:" in script().stdout  # nothing asked: the help
+
+
+def test_the_server_log_counts_in_words(tmp_path, caplog):
+    """It said "1 writes committed in 1 transactions"."""
+    caplog.set_level(logging.INFO, logger="runtara")
+    with rc.ServerThread(rc.Settings.from_env(env={}, database_url=f"sqlite:///{tmp_path / 'x.db'}", port=0)) as server:
+        async def start():
+            async with rc.Client(addr(server), env={}) as operator:
+                await operator.start("one", "t")
+        run(start())
+    said = re.findall(r"(\d+) (writes?) committed in (\d+) (transactions?)", caplog.text)
+    assert said, caplog.text
+    for writes, noun, commits, other in said:
+        assert (noun == "write") == (writes == "1") and (other == "transaction") == (commits == "1"), said

@@ -169,3 +169,27 @@ def test_embedding_example_survives_being_killed(tmp_path, database_url):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "reading-1 completed" in again.stdout and "report-1 completed" in again.stdout, again.stdout
     assert "measuring" not in again.stdout and "sending" not in again.stdout, again.stdout
+
+
+def test_single_embedded_instance_closes_the_database_it_owns(tmp_path, database_url, monkeypatch):
+    """The README's one-instance example, as written: it completes, and with owns_transport=True closing the
+    instance closes the database (SQLite leaves no WAL file behind); EmbeddedTransport.open honours RUNTARA_*."""
+    code = readme_block("python", "# note.py").replace("sqlite:///edge.db", database_url)
+    (tmp_path / "note.py").write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "note.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    if database_url.startswith("sqlite:///"):
+        path = Path(database_url.removeprefix("sqlite:///"))
+        assert path.exists() and not Path(f"{path}-wal").exists()
+
+    async def check():
+        monkeypatch.setenv("RUNTARA_MAX_CONCURRENT_INSTANCES", "7")
+        transport = rc.EmbeddedTransport.open(database_url)
+        assert transport.core.settings.max_concurrent_instances == 7
+        async with rc.Client(transport=transport) as operator:  # a transport given is not the client's to close
+            assert (await operator.get_instance_status("note-1"))["status"] == "completed"
+        assert (await transport.request({"op": "get_instance_status", "instance_id": "note-1"}))["found"]
+        await transport.close()
+    run(check())
