@@ -587,6 +587,7 @@ class Dialect:
     skip_locked: str       # appended to a SELECT that claims rows other servers may be claiming
     migration_lock: str    # run first in every migration transaction
     capacity_lock: str     # run before counting busy slots, so two servers never both take the last one
+    begin_write: str       # opens the writer's transaction
     database_size: str
     has_table: str         # counts the tables named ?, in the schema this connection works in
 
@@ -596,11 +597,12 @@ class Dialect:
 
 
 SQLITE = Dialect("sqlite", "?", "", "", "SELECT 1", "SELECT 1",  # SQLite's writers are serial already
+                 "BEGIN IMMEDIATE",  # the write lock at once, not at the first write (no upgrade deadlock)
                  "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
                  "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?")
 POSTGRESQL = Dialect("postgresql", "%s", " FOR UPDATE", " FOR UPDATE SKIP LOCKED",
                      "SELECT pg_advisory_xact_lock(7361746172)",  # one migrator at a time per database
-                     "SELECT pg_advisory_xact_lock(7361746173)",
+                     "SELECT pg_advisory_xact_lock(7361746173)", "BEGIN",
                      "SELECT pg_database_size(current_database())",
                      "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename = ?")
 
@@ -1023,23 +1025,128 @@ class Storage:
     transaction on a database thread and return a concurrent.futures.Future of its result;
     `write_soon(fn, ...)` is write() for a caller on an event loop, returning an asyncio future.
 
-    Writes that fail roll back alone; a caller's future resolves only after its commit is durable.
-    A write function must touch nothing but `tx`: it may run twice (see SQLiteStorage).
+    Writes go to one writer thread with its own connection, which runs everything queued while the last
+    commit ran in one transaction (group commit). Writes that fail roll back alone; a caller's future
+    resolves only after its commit is durable. A write function must touch nothing but `tx`: it may run
+    more than once (see _commit_group).
+
+    The dialects differ in what they connect to and which exceptions mean what, not in these rules.
     """
 
     dialect: Dialect
-    writes = commits = 0  # write jobs committed, and the transactions that held them
+    name: str              # what messages call the database
+    errors: tuple = ()     # the database library's exceptions
+    transient: tuple = ()  # those after which the whole group runs again (PostgreSQL's deadlock victims)
+    writes = commits = 0   # write jobs committed, and the transactions that held them
 
-    def write(self, fn: Callable, *args, **kwargs) -> concurrent.futures.Future:
+    def _start_writer(self) -> None:
+        self._writes: queue.SimpleQueue = queue.SimpleQueue()
+        self._closing = threading.Lock()
+        self._writer = threading.Thread(target=self._write_loop, name="runtara-write", daemon=True)
+        self._writer.start()
+
+    def _writer_connection(self) -> tuple[Callable[[str], Any], Tx]:
+        """The writer's connection, as a function that runs one statement and a Tx over it; raises one of
+        `errors` when there is none to be had."""
         raise NotImplementedError
 
+    def _failure(self, exc: BaseException) -> StorageError:
+        return StorageError(f"{self.name} write failed, nothing of this request was saved: {exc}")
+
+    def write(self, fn: Callable, *args, **kwargs) -> concurrent.futures.Future:
+        return self._queue(concurrent.futures.Future(), fn, args, kwargs)
+
     def write_soon(self, fn: Callable, *args) -> asyncio.Future:
-        return asyncio.wrap_future(self.write(fn, *args))
+        # Resolved with the rest of its commit group in one call on the loop, not one wake-up per write.
+        return self._queue(asyncio.get_running_loop().create_future(), fn, args, {})
+
+    def _queue(self, future, fn, args, kwargs):
+        with self._closing:
+            if self._writer.is_alive():
+                self._writes.put((future, fn, args, kwargs))
+                return future
+        future.set_exception(StorageError(f"the {self.name} database is closed"))
+        return future
+
+    def _write_loop(self):
+        while True:
+            batch = [self._writes.get()]
+            while True:
+                try:
+                    batch.append(self._writes.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(job is None for job in batch)
+            jobs = [job for job in batch if job is not None and _wanted(job[0])]
+            if jobs:
+                _settle_all(self._commit_group(jobs))
+            if stop:
+                return
+
+    def _commit_group(self, jobs) -> list[tuple]:
+        """Run the jobs in one transaction and commit it: [(future, result, exception)].
+
+        A savepoint around each job would cost two statements per write, so a group first runs without
+        them; only when a job fails is the group rolled back and run again with one savepoint per job.
+        A group that another transaction's deadlock chose as its victim runs again whole."""
+        execute = None
+        try:
+            execute, tx = self._writer_connection()
+            for attempt in range(4):
+                outcomes = self._run_jobs(execute, tx, jobs, savepoints=False)
+                if outcomes[-1][2] is not None:  # a job failed, and its writes are mixed with the others'
+                    execute("ROLLBACK")
+                    if len(jobs) > 1:
+                        outcomes = self._run_jobs(execute, tx, jobs, savepoints=True)
+                if attempt < 3 and any(isinstance(error, self.transient) for _, _, error in outcomes):
+                    with contextlib.suppress(*self.errors):
+                        execute("ROLLBACK")
+                    continue
+                break
+            if len(jobs) > 1 or outcomes[-1][2] is None:  # else the one job failed and nothing is open
+                execute("COMMIT")
+                self.writes += sum(error is None for _, _, error in outcomes)
+                self.commits += 1
+            return [(future, result, self._failure(error) if isinstance(error, self.errors) else error)
+                    for future, result, error in outcomes]
+        except self.errors as exc:
+            if execute is not None:
+                with contextlib.suppress(*self.errors):
+                    execute("ROLLBACK")
+            failure = self._failure(exc)
+            return [(future, None, failure) for future, *_ in jobs]
+
+    def _run_jobs(self, execute, tx, jobs, savepoints: bool) -> list[tuple]:
+        """The jobs' outcomes in a new transaction; without savepoints, up to the first that fails."""
+        execute(self.dialect.begin_write)
+        outcomes = []
+        for future, fn, args, kwargs in jobs:
+            if savepoints:
+                execute("SAVEPOINT job")
+            try:
+                outcomes.append((future, fn(tx, *args, **kwargs), None))
+            except BaseException as exc:
+                outcomes.append((future, None, exc))
+                if not savepoints:
+                    return outcomes
+                execute("ROLLBACK TO job")  # the job fails alone; its writes are undone
+            if savepoints:
+                execute("RELEASE job")
+        return outcomes
 
     def read(self, fn: Callable, *args, **kwargs) -> concurrent.futures.Future:
         raise NotImplementedError
 
     def close(self) -> None:
+        """Finish the writes queued, then close; idempotent, from any thread."""
+        with self._closing:
+            if not self._writer.is_alive():
+                return
+            self._writes.put(None)
+            self._writer.join()
+            self._close_connections()
+
+    def _close_connections(self) -> None:
         raise NotImplementedError
 
     def __enter__(self):
@@ -1127,26 +1234,27 @@ def _settle_all(outcomes: list[tuple]) -> None:
 
 
 class SQLiteStorage(Storage):
-    """SQLite in WAL mode: one writer thread with group commit, a few reader threads."""
+    """SQLite in WAL mode: the writer thread, and a few reader threads with a connection each."""
 
     dialect = SQLITE
+    name = "SQLite"
 
     def __init__(self, path: str, synchronous: str = "FULL", create: bool = True, readers: int = 4):
         import apsw
 
         self._apsw = apsw
+        self.errors = (apsw.Error,)
         self.path = path
         self.synchronous = synchronous
         if not create and path != ":memory:" and not os.path.exists(path):
             raise StorageError(f"no database at {path}; start the server (or run 'migrate') to create it")
-        self._writes: queue.SimpleQueue = queue.SimpleQueue()
-        self._closing = threading.Lock()
         self._writer_conn = self._connect(create)
+        self._writer_tx = (self._writer_conn.execute,
+                           Tx(SQLITE, functools.partial(_sqlite_rows, self._writer_conn.cursor())))
         self._readers = []
         self._reader_local = threading.local()
         self._reader_pool = concurrent.futures.ThreadPoolExecutor(readers, thread_name_prefix="runtara-read")
-        self._writer = threading.Thread(target=self._write_loop, name="runtara-write", daemon=True)
-        self._writer.start()
+        self._start_writer()
 
     def _connect(self, create: bool):
         apsw = self._apsw
@@ -1161,80 +1269,8 @@ class SQLiteStorage(Storage):
             raise StorageError(f"cannot open SQLite database {self.path}: {exc}") from None
         return conn
 
-    # Writes: everything queued while the last commit ran goes into the next transaction.
-
-    def write(self, fn, *args, **kwargs):
-        return self._queue(concurrent.futures.Future(), fn, args, kwargs)
-
-    def write_soon(self, fn, *args):
-        # Resolved with the rest of its commit group in one call on the loop, not one wake-up per write.
-        return self._queue(asyncio.get_running_loop().create_future(), fn, args, {})
-
-    def _queue(self, future, fn, args, kwargs):
-        with self._closing:
-            if self._writer.is_alive():
-                self._writes.put((future, fn, args, kwargs))
-                return future
-        future.set_exception(StorageError(f"the database {self.path} is closed"))
-        return future
-
-    def _write_loop(self):
-        conn = self._writer_conn
-        tx = Tx(SQLITE, functools.partial(_sqlite_rows, conn.cursor()))
-        while True:
-            batch = [self._writes.get()]
-            while True:
-                try:
-                    batch.append(self._writes.get_nowait())
-                except queue.Empty:
-                    break
-            stop = any(job is None for job in batch)
-            jobs = [job for job in batch if job is not None and _wanted(job[0])]
-            if jobs:
-                _settle_all(self._commit_group(conn, tx, jobs))
-            if stop:
-                return
-
-    def _commit_group(self, conn, tx, jobs) -> list[tuple]:
-        """Run the jobs in one transaction and commit it: [(future, result, exception)].
-
-        A savepoint around each job would cost two statements per write, so a group first runs without
-        them; only when a job fails is the group rolled back and run again with one savepoint per job."""
-        try:
-            outcomes = self._run_jobs(conn, tx, jobs, savepoints=False)
-            if outcomes[-1][2] is not None:  # a job failed, and its writes are mixed with the others'
-                conn.execute("ROLLBACK")
-                if len(jobs) == 1:
-                    return outcomes
-                outcomes = self._run_jobs(conn, tx, jobs, savepoints=True)
-            conn.execute("COMMIT")
-            self.writes += sum(error is None for _, _, error in outcomes)
-            self.commits += 1
-            return outcomes
-        except self._apsw.Error as exc:
-            if not conn.getautocommit():
-                conn.execute("ROLLBACK")
-            failure = StorageError(f"SQLite write failed, nothing of this request was saved: {exc}")
-            return [(future, None, failure) for future, *_ in jobs]
-
-    @staticmethod
-    def _run_jobs(conn, tx, jobs, savepoints: bool) -> list[tuple]:
-        """The jobs' outcomes in a new transaction; without savepoints, up to the first that fails."""
-        conn.execute("BEGIN IMMEDIATE")
-        outcomes = []
-        for future, fn, args, kwargs in jobs:
-            if savepoints:
-                conn.execute("SAVEPOINT job")
-            try:
-                outcomes.append((future, fn(tx, *args, **kwargs), None))
-            except BaseException as exc:
-                outcomes.append((future, None, exc))
-                if not savepoints:
-                    return outcomes
-                conn.execute("ROLLBACK TO job")  # the job fails alone; its writes are undone
-            if savepoints:
-                conn.execute("RELEASE job")
-        return outcomes
+    def _writer_connection(self):
+        return self._writer_tx
 
     # Reads: each reader thread has its own connection; WAL readers never block the writer.
 
@@ -1255,14 +1291,6 @@ class SQLiteStorage(Storage):
         except self._apsw.Error as exc:
             raise StorageError(f"SQLite read failed: {exc}") from None
 
-    def close(self):
-        with self._closing:  # idempotent, from any thread
-            if not self._writer.is_alive():
-                return
-            self._writes.put(None)
-            self._writer.join()
-            self._close_connections()
-
     def _close_connections(self):
         self._reader_pool.shutdown(wait=True)
         for conn in self._readers:
@@ -1274,15 +1302,17 @@ class SQLiteStorage(Storage):
         self._writer_conn.close()
 
 
-def _postgres_rows(connection, statement: str, args: tuple) -> list:
-    cursor = connection.execute(statement, args or None)
+def _postgres_rows(cursor, statement: str, args: tuple) -> list:
+    cursor.execute(statement, args or None)
     return cursor.fetchall() if cursor.description else []
 
 
 class PostgresStorage(Storage):
-    """PostgreSQL: a pool of connections, each job its own transaction on a pool thread."""
+    """PostgreSQL: the writer thread on a connection of its own, made again when it breaks (a database
+    restart costs the writes in flight, never the server), and a pool of connections for reads."""
 
     dialect = POSTGRESQL
+    name = "PostgreSQL"
 
     def __init__(self, url: str, pool_size: int = 8, connect_timeout: float = 5.0):
         try:
@@ -1291,48 +1321,63 @@ class PostgresStorage(Storage):
         except ImportError:
             raise StorageError("PostgreSQL needs psycopg: pip install 'runtara-core[postgres]'") from None
         self._psycopg = psycopg
+        self.errors = (psycopg.Error,)
+        self.transient = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
         self.url = url
-        try:  # one plain connection first: a refused port or a missing role is said at once, in one line
-            psycopg.connect(url, connect_timeout=max(1, int(connect_timeout))).close()
+        self._connect_timeout = max(1, int(connect_timeout))
+        self._writer_conn = self._writer_tx = None
+        try:  # the writer's connection first: a refused port or a missing role is said at once, in one line
+            self._writer_connection()
         except psycopg.Error as exc:
             reason = " ".join(str(exc).split())  # libpq's message spans lines
             raise StorageError(f"cannot reach PostgreSQL at {_redact(url)}: {reason}") from None
+        # No check on borrowing (a query per read): a read that finds its connection broken runs again once.
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=connect_timeout, open=False,
-                                    kwargs={"autocommit": False, "connect_timeout": max(1, int(connect_timeout))},
-                                    check=ConnectionPool.check_connection, name="runtara")
+                                    kwargs={"autocommit": False, "connect_timeout": self._connect_timeout},
+                                    name="runtara")
         try:
             self._pool.open(wait=True, timeout=connect_timeout)
         except Exception as exc:
             self._pool.close()
+            self._writer_conn.close()
             raise StorageError(f"cannot reach PostgreSQL at {_redact(url)}: {exc}") from None
         self._threads = concurrent.futures.ThreadPoolExecutor(pool_size, thread_name_prefix="runtara-pg")
-        self._counting = threading.Lock()
+        self._start_writer()
 
-    def write(self, fn, *args, **kwargs):
-        return self._threads.submit(self._transaction, fn, args, kwargs, True)
+    def _writer_connection(self):
+        if self._writer_conn is None or self._writer_conn.broken or self._writer_conn.closed:
+            if self._writer_conn is not None:
+                self._writer_conn.close()
+            self._writer_conn = None  # until a new one is made, each group tries again
+            conn = self._psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout)
+            self._writer_conn = conn
+            self._writer_tx = (conn.execute, Tx(POSTGRESQL, functools.partial(_postgres_rows, conn.cursor())))
+        return self._writer_tx
+
+    def _failure(self, exc):
+        if isinstance(exc, self._psycopg.OperationalError):  # down, unreachable, out of disk
+            return StorageError(f"PostgreSQL is unavailable: {exc}")
+        return super()._failure(exc)
 
     def read(self, fn, *args, **kwargs):
-        return self._threads.submit(self._transaction, fn, args, kwargs, False)
+        return self._threads.submit(self._read, fn, args, kwargs)
 
-    def _transaction(self, fn, args, kwargs, counted: bool):
-        try:
-            with self._pool.connection() as conn:
-                with conn.transaction():
-                    result = fn(Tx(POSTGRESQL, functools.partial(_postgres_rows, conn)), *args, **kwargs)
-        except self._psycopg.OperationalError as exc:  # down, unreachable, out of disk, pool timeout
-            raise StorageError(f"PostgreSQL is unavailable: {exc}") from None
-        if counted:
-            with self._counting:
-                self.writes += 1
-        return result
+    def _read(self, fn, args, kwargs):
+        for attempt in (1, 2):
+            conn = None
+            try:
+                with self._pool.connection() as conn:
+                    with conn.transaction():
+                        return fn(Tx(POSTGRESQL, functools.partial(_postgres_rows, conn.cursor())), *args, **kwargs)
+            except self._psycopg.OperationalError as exc:  # down, unreachable, pool timeout, or a broken connection
+                if attempt == 2 or conn is None or not conn.broken:
+                    raise StorageError(f"PostgreSQL is unavailable: {exc}") from None
 
-    @property
-    def commits(self) -> int:  # each write is its own transaction; PostgreSQL groups their WAL flushes
-        return self.writes
-
-    def close(self):
+    def _close_connections(self):
         self._threads.shutdown(wait=True)
         self._pool.close()
+        if self._writer_conn is not None:
+            self._writer_conn.close()
 
 
 def _redact(url: str) -> str:
