@@ -139,6 +139,7 @@ class Settings:
     max_restarts: int = 5
     executor: str = "local"  # the name in-process runs are claimed under: one live process per name
     stall_timeout_ms: int = 10_000  # an unfinished request that receives nothing for this long is reset
+    metrics_addr: str | None = None  # where Prometheus metrics are served: PORT (on 127.0.0.1) or HOST:PORT
     sqlite_synchronous: str = "FULL"
     event_loop: str = "auto"  # what `serve` runs on: uvloop when installed ("auto"), or "uvloop", "asyncio"
 
@@ -152,7 +153,8 @@ class Settings:
                  "launch_command": "RUNTARA_LAUNCH_COMMAND", "launch_timeout_ms": "RUNTARA_LAUNCH_TIMEOUT_MS",
                  "launch_max_attempts": "RUNTARA_LAUNCH_MAX_ATTEMPTS", "max_restarts": "RUNTARA_MAX_RESTARTS",
                  "executor": "RUNTARA_EXECUTOR", "stall_timeout_ms": "RUNTARA_STALL_TIMEOUT_MS",
-                 "sqlite_synchronous": "RUNTARA_SQLITE_SYNCHRONOUS", "event_loop": "RUNTARA_EVENT_LOOP"}
+                 "sqlite_synchronous": "RUNTARA_SQLITE_SYNCHRONOUS", "event_loop": "RUNTARA_EVENT_LOOP",
+                 "metrics_addr": "RUNTARA_METRICS_ADDR"}
 
     @classmethod
     def from_env(cls, env=None, names: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -191,6 +193,22 @@ class Settings:
                 raise ValueError(f"the launch command{f' for {workflow}' if workflow else ''} is empty")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError(f"{name('tls_cert')} and {name('tls_key')} must be set together")
+        if self.metrics_addr is not None:
+            try:
+                self.metrics_address
+            except ValueError:
+                raise ValueError(f"{name('metrics_addr')} must be PORT or HOST:PORT, not {self.metrics_addr!r}") from None
+
+    @property
+    def metrics_address(self) -> tuple[str, int]:
+        """(host, port) of the metrics endpoint: a bare port listens on loopback only, like the QUIC port."""
+        if self.metrics_addr.strip().isdigit():
+            if int(self.metrics_addr) > 65535:
+                raise ValueError(f"no port {self.metrics_addr}")
+            return "127.0.0.1", int(self.metrics_addr)
+        if not re.search(r":\d+$", self.metrics_addr):
+            raise ValueError(f"no port in {self.metrics_addr!r}")
+        return parse_server_addr(self.metrics_addr)
 
     def command_for(self, workflow: str) -> str | None:
         """The launch command for `workflow`: its own, else the default, else None."""
@@ -200,6 +218,18 @@ class Settings:
     def launched_workflows(self) -> tuple[str, ...] | None:
         """The workflows the server launches: None for all of them (a default command), else their names."""
         return None if self.launch_command else tuple(self.workflow_commands)
+
+
+def parse_server_addr(addr: str) -> tuple[str, int]:
+    """'host:port', '[v6]:port' or 'host' (port 8001) into (host, port)."""
+    match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", addr.strip())
+    if not match:
+        raise ValueError(f"server address must be host:port, not {addr!r}")
+    host = match[1] or match[3]
+    port = int(match[2] or match[4] or 8001)
+    if not 0 < port < 65536:
+        raise ValueError(f"server address {addr!r} has no valid port")
+    return host, port
 
 
 WORKFLOW_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -613,7 +643,8 @@ _INSTANCE_SELECT = "SELECT " + ", ".join(INSTANCE_COLUMNS) + " FROM instances"
 RUN_COLUMNS = INSTANCE_COLUMNS + ("restarts", "orphaned_at_ms", "launch_lease_until_ms", "launch_after_ms",
                                   "launch_attempts")
 SIGNAL_COLUMNS = ("signal_type", "payload", "created_at_ms")
-CLAIM_COLUMNS = ("instance_id", "tenant_id", "workflow", "checkpoint_id", "run", "launch_attempts")
+CLAIM_COLUMNS = ("instance_id", "tenant_id", "workflow", "checkpoint_id", "run", "launch_attempts", "status",
+                 "sleep_until_ms")
 QUEUE_COLUMNS = ("instance_id", "tenant_id", "workflow", "status", "checkpoint_id", "sleep_until_ms",
                  "orphaned_at_ms", "launch_lease_until_ms", "launch_after_ms", "launch_attempts")
 
@@ -925,6 +956,11 @@ class Tx:
                          + self._DUE + ")" + self._DUE_ORDER + " LIMIT ?", now, limit)
         return [dict(zip(QUEUE_COLUMNS, row)) for row in rows]
 
+    def count_waiting(self, now: int) -> int:
+        """Instances waiting for a launch that none has begun: the scheduler's queue."""
+        return self.value("SELECT count(*) FROM instances WHERE (" + self._ORPHANED + " OR " + self._DUE + ")"
+                          " AND (launch_lease_until_ms IS NULL OR launch_lease_until_ms <= ?)", now, now)
+
     def claim(self, waiting: str, args: tuple, now: int, lease_until: int, workflows: tuple | None,
               limit: int, in_process: tuple = (), executor: str | None = None) -> list[dict]:
         """Claim up to `limit` instances matching `waiting` (with `args`) whose backoff has passed and that no
@@ -1038,6 +1074,7 @@ class Storage:
     errors: tuple = ()     # the database library's exceptions
     transient: tuple = ()  # those after which the whole group runs again (PostgreSQL's deadlock victims)
     writes = commits = 0   # write jobs committed, and the transactions that held them
+    on_commit: Callable[[int, float], None] | None = None  # told (writes, seconds) of each commit, on the writer
 
     def _start_writer(self) -> None:
         self._writes: queue.SimpleQueue = queue.SimpleQueue()
@@ -1089,7 +1126,7 @@ class Storage:
         A savepoint around each job would cost two statements per write, so a group first runs without
         them; only when a job fails is the group rolled back and run again with one savepoint per job.
         A group that another transaction's deadlock chose as its victim runs again whole."""
-        execute = None
+        execute, started = None, time.perf_counter()
         try:
             execute, tx = self._writer_connection()
             for attempt in range(4):
@@ -1105,8 +1142,11 @@ class Storage:
                 break
             if len(jobs) > 1 or outcomes[-1][2] is None:  # else the one job failed and nothing is open
                 execute("COMMIT")
-                self.writes += sum(error is None for _, _, error in outcomes)
+                written = sum(error is None for _, _, error in outcomes)
+                self.writes += written
                 self.commits += 1
+                if self.on_commit is not None:
+                    self.on_commit(written, time.perf_counter() - started)
             return [(future, result, self._failure(error) if isinstance(error, self.errors) else error)
                     for future, result, error in outcomes]
         except self.errors as exc:
@@ -1817,14 +1857,22 @@ def _recover_executor(tx: Tx, executor: str, now: int, rules: Recovery) -> list[
 
 
 def _launch_ended(tx: Tx, claim: dict, pid: int | None, code: int | None, reason: str, now: int,
-                  rules: Recovery) -> str | None:
+                  rules: Recovery) -> tuple[str | None, str]:
     """A launched process ended (`code` None: it never started, or the server killed it). Charged only to
     this launch: as a failed launch when the instance has begun no run since the claim, as an orphaned run
-    when the run the launch began is still the newest and running. The instance's status after."""
+    when the run the launch began is still the newest and running. (The instance's status after, and
+    whether the launch "registered" or "failed".)"""
     instance = tx.get_run(claim["instance_id"])
     if instance is None:
-        return None
+        return None, "failed"
     began = claim["run"] + 1 if instance["run"] > claim["run"] else None
+    return _launch_charged(tx, claim, instance, began, pid, code, reason, now, rules), \
+        "failed" if began is None else "registered"
+
+
+def _launch_charged(tx: Tx, claim: dict, instance: dict, began: int | None, pid: int | None, code: int | None,
+                    reason: str, now: int, rules: Recovery) -> str | None:
+    """_launch_ended's rules, with what it found: the instance's status after."""
     tx.insert_event(claim["instance_id"], "exited", now,
                     payload=msgpack.packb({"pid": pid, "code": code, "run": began}))
     if instance["status"] in TERMINAL:
@@ -1855,6 +1903,20 @@ def _health(tx: Tx) -> int:
 SHUTTING_DOWN = "the server is shutting down"
 
 
+class Observer:
+    """What the engine tells about its work as it goes, for metrics: this one listens to none of it (the
+    server's Metrics does)."""
+
+    def request(self, op: str, outcome: str, seconds: float) -> None:
+        """A request of operation `op` (or "unknown") was answered: "ok", or the error code."""
+
+    def claimed(self, claims: list[dict], now: int) -> None:
+        """The scheduler claimed these instances for launches at `now`."""
+
+    def launch_ended(self, workflow: str, outcome: str) -> None:
+        """A launch of `workflow` ended: its process "registered" a run, or it "failed" before."""
+
+
 class Core:
     """The protocol's operations over a storage; the server and the embedded backend both call dispatch().
 
@@ -1864,6 +1926,7 @@ class Core:
         self.storage = storage
         self.settings = settings or Settings()
         self.clock = clock
+        self.observer = Observer()
         self.started = time.monotonic()
         self.admin_token = admin_token(self.settings.secret) if self.settings.secret else None
         self.launched = self.settings.launched_workflows  # what has a launcher here; a Scheduler sets it
@@ -1881,6 +1944,19 @@ class Core:
 
     async def dispatch(self, message: dict, session: Session) -> dict:
         """Answer one request map, or raise the RuntaraError that is its answer."""
+        started, op = time.perf_counter(), message.get("op")
+        op = op if isinstance(op, str) and op in OPERATIONS else "unknown"
+        try:
+            reply = await self._dispatch(message, session)
+        except BaseException as exc:  # a cancelled request (its connection went away) is no error of ours
+            outcome = (exc.code if isinstance(exc, RuntaraError) else
+                       "cancelled" if isinstance(exc, asyncio.CancelledError) else "INTERNAL")
+            self.observer.request(op, outcome, time.perf_counter() - started)
+            raise
+        self.observer.request(op, "ok", time.perf_counter() - started)
+        return reply
+
+    async def _dispatch(self, message: dict, session: Session) -> dict:
         op, fields, token = parse_request(message)
         self.authorize(op, fields, token, session)
         self.check_sizes(op, fields)
@@ -2078,8 +2154,10 @@ class Core:
         """Claim the instances to launch now, within the concurrency limit (see Tx.claim_launches)."""
         now = self.clock()
         lease_until = now + self.settings.launch_timeout_ms + self.LAUNCH_LEASE_GRACE_MS
-        return await self._write(Tx.claim_launches, now, lease_until, self.launched,
-                                 self.settings.max_concurrent_instances, limit, in_process, executor)
+        claims = await self._write(Tx.claim_launches, now, lease_until, self.launched,
+                                   self.settings.max_concurrent_instances, limit, in_process, executor)
+        self.observer.claimed(claims, now)
+        return claims
 
     async def record_launch(self, claim: dict, pid: int) -> None:
         await self._write(Tx.insert_event, claim["instance_id"], "launched", self.clock(), None, None,
@@ -2092,7 +2170,8 @@ class Core:
         return instance is None or instance["run"] == claim["run"]
 
     async def launch_ended(self, claim: dict, pid: int | None, code: int | None, reason: str) -> str | None:
-        status = await self._write(_launch_ended, claim, pid, code, reason, self.clock(), self.rules)
+        status, outcome = await self._write(_launch_ended, claim, pid, code, reason, self.clock(), self.rules)
+        self.observer.launch_ended(claim["workflow"], outcome)
         log.info("launch of instance %s ended: it %s; the instance is %s", claim["instance_id"], reason, status)
         self.changed(claim["instance_id"])
         return status
@@ -2520,6 +2599,105 @@ class ProcessLauncher:
         await self.core.launch_ended(claim, process.pid, code, f"exited with code {code}")
 
 
+def _database_counts(tx: Tx, now: int) -> tuple[dict[str, int], int]:
+    return tx.count_by_status(), tx.count_waiting(now)
+
+
+class Metrics(Observer):
+    """A server's Prometheus metrics, in a registry of their own, served over HTTP at /metrics by
+    prometheus-client (serve --metrics). Each server says what it did itself; the instance counts are the
+    database's, read at most every REFRESH_S seconds whatever the scrape rate."""
+
+    REFRESH_S = 5.0
+    SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
+
+    def __init__(self, server: "Server"):
+        try:
+            import prometheus_client as prometheus
+            from prometheus_client.core import GaugeMetricFamily
+        except ImportError:
+            raise ImportError("--metrics needs prometheus-client: pip install 'runtara-core[metrics]'") from None
+        self._prometheus, self._family, self.server = prometheus, GaugeMetricFamily, server
+        self.registry = registry = prometheus.CollectorRegistry()
+        self.requests = prometheus.Counter("runtara_requests", "Requests answered, by operation and outcome (ok or"
+                                           " the error code)", ["op", "outcome"], registry=registry)
+        self.request_seconds = prometheus.Histogram("runtara_request_duration_seconds", "Time from a request to its"
+                                                    " answer (inline sleeps and waits included)", ["op"],
+                                                    buckets=self.SECONDS, registry=registry)
+        self.commit_size = prometheus.Histogram("runtara_commit_group_size", "Writes committed by one transaction",
+                                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=registry)
+        self.commit_seconds = prometheus.Histogram("runtara_commit_duration_seconds", "Time of one commit group,"
+                                                   " its writes and its commit", buckets=self.SECONDS,
+                                                   registry=registry)
+        prometheus.Gauge("runtara_connections", "QUIC connections open", registry=registry).set_function(
+            lambda: len(server.connections))
+        self.launches = prometheus.Counter("runtara_launches", "Launches that ended, by workflow and outcome"
+                                           " (registered: its process began a run; failed: it did not)",
+                                           ["workflow", "outcome"], registry=registry)
+        self.restarts = prometheus.Counter("runtara_restarts", "Launches of runs whose process died",
+                                           registry=registry)
+        self.wake_lag = prometheus.Histogram("runtara_wake_lag_seconds", "A sleeper's launch time minus its wake"
+                                             " time", buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+                                             registry=registry)
+        registry.register(self)  # collect() below: the database's numbers
+        self._read_at, self._counts, self._http, self._children = -self.REFRESH_S, None, None, {}
+
+    def request(self, op, outcome, seconds):
+        # Per request: the labelled children are looked up once (labels() costs more than the counting).
+        counted = self._children.get((op, outcome))
+        if counted is None:
+            counted = self._children[op, outcome] = (self.requests.labels(op, outcome),
+                                                     self.request_seconds.labels(op))
+        counted[0].inc()
+        counted[1].observe(seconds)
+
+    def commit(self, writes: int, seconds: float) -> None:
+        self.commit_size.observe(writes)
+        self.commit_seconds.observe(seconds)
+
+    def claimed(self, claims, now):
+        for claim in claims:
+            if claim["status"] == "running":
+                self.restarts.inc()
+            elif claim["status"] == "suspended" and claim["sleep_until_ms"] is not None:
+                self.wake_lag.observe(max(0, now - claim["sleep_until_ms"]) / 1000)
+
+    def launch_ended(self, workflow, outcome):
+        self.launches.labels(workflow, outcome).inc()
+
+    def collect(self):
+        """runtara_database_up, and unless it is 0, runtara_instances{status} and runtara_queue_depth."""
+        if time.monotonic() - self._read_at >= self.REFRESH_S:
+            self._read_at = time.monotonic()
+            try:
+                self._counts = self.server.storage.read(_database_counts, now_ms()).result(timeout=2)
+            except Exception:  # down, or too slow to answer a scrape
+                self._counts = None
+        yield self._family("runtara_database_up", "1 when the last read of the database worked",
+                           value=int(self._counts is not None))
+        if self._counts is not None:
+            by_status, waiting = self._counts
+            instances = self._family("runtara_instances", "Instances in the database by status", labels=["status"])
+            for status in STATUSES:
+                instances.add_metric([status], by_status.get(status, 0))
+            yield instances
+            yield self._family("runtara_queue_depth", "Instances waiting for a launch that none has begun",
+                               value=waiting)
+
+    def serve(self, address: tuple[str, int]) -> tuple[str, int]:
+        """Serve /metrics on a thread; the address it listens on."""
+        try:
+            self._http, _ = self._prometheus.start_http_server(address[1], address[0], registry=self.registry)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot serve metrics on {address[0]}:{address[1]}: {exc.strerror}") from None
+        return self._http.server_address[:2]
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+
 class Server:
     """The QUIC server over a storage (opened from the settings unless given), with the scheduler, and a
     Worker's in-process workflows when given: `async with Server(settings) as server:`, or `await start()`
@@ -2532,6 +2710,8 @@ class Server:
         self.worker = worker  # a Worker whose workflows run in this process, beside launched processes
         self.core: Core | None = None
         self.scheduler: Scheduler | None = None
+        self.metrics: Metrics | None = None
+        self.metrics_address: tuple[str, int] | None = None  # where /metrics is served, with --metrics
         self._quic = None
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
@@ -2562,10 +2742,20 @@ class Server:
         if not settings.secret and not is_loopback(settings.host) and not settings.insecure:
             raise ValueError(f"refusing to listen on {settings.host} without authentication: anyone who reaches it"
                              " could read and change every instance. Set RUNTARA_SECRET, or pass --insecure")
+        if settings.metrics_addr is not None:
+            self.metrics = Metrics(self)  # first: a missing extra is said before anything is opened
         if self.storage is None:
             self.storage = await asyncio.to_thread(open_storage, settings.database_url,
                                                    synchronous=settings.sqlite_synchronous)
         self.core = Core(self.storage, settings)
+        if self.metrics is not None:
+            try:
+                self.metrics_address = self.metrics.serve(settings.metrics_address)
+            except OSError:
+                await self.stop()
+                raise
+            self.core.observer, self.storage.on_commit = self.metrics, self.metrics.commit
+            log.info("metrics at http://%s:%d/metrics", *self.metrics_address)
         cert, key = await asyncio.to_thread(ensure_certificate, settings)
         configuration = QuicConfiguration(is_client=False, alpn_protocols=[ALPN], idle_timeout=60.0,
                                           max_stream_data=settings.max_message_bytes + FRAME_HEADER.size)
@@ -2634,6 +2824,11 @@ class Server:
         if self._quic is not None:
             self._quic.close()
             self._quic = None
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+            if self.storage is not None:
+                self.storage.on_commit = None
         if self.storage is not None and self._owns_storage:
             log.info("%s: %s committed in %s", self.storage.dialect.name, counted(self.storage.writes, "write"),
                      counted(self.storage.commits, "transaction"))
@@ -2723,18 +2918,6 @@ class ServerThread:
 # =============================================================================================
 # 7. Client SDK: QUIC and embedded transports, Instance for workflows, Client for operators
 # =============================================================================================
-
-
-def parse_server_addr(addr: str) -> tuple[str, int]:
-    """'host:port', '[v6]:port' or 'host' (port 8001) into (host, port)."""
-    match = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", addr.strip())
-    if not match:
-        raise ValueError(f"server address must be host:port, not {addr!r}")
-    host = match[1] or match[3]
-    port = int(match[2] or match[4] or 8001)
-    if not 0 < port < 65536:
-        raise ValueError(f"server address {addr!r} has no valid port")
-    return host, port
 
 
 def _truthy(value: str | None) -> bool:
@@ -3786,6 +3969,8 @@ def build_cli():
                                          max=MAX_PAYLOAD_BYTES),
         sqlite_synchronous: str = setting("sqlite_synchronous", "FULL or NORMAL"),
         event_loop: str = setting("event_loop", "auto (uvloop if installed), uvloop or asyncio", "--loop"),
+        metrics: str = setting("metrics_addr", "Serve Prometheus metrics at /metrics on PORT (loopback) or"
+                               " HOST:PORT; needs the metrics extra", "--metrics"),
         log_level: str = typer.Option("INFO", envvar="RUNTARA_LOG_LEVEL", show_envvar=True,
                                       help="DEBUG, INFO, WARNING or ERROR"),
     ):
@@ -3799,7 +3984,8 @@ def build_cli():
         try:
             launch_command, workflow_commands = parse_launch(launch or ())
             names = {field: "--" + field.replace("_", "-") for field in Settings.VARIABLES}
-            settings = Settings.from_env(names={**names, "event_loop": "--loop", "launch_command": "--launch"},
+            settings = Settings.from_env(names={**names, "event_loop": "--loop", "launch_command": "--launch",
+                                                "metrics_addr": "--metrics"},
                                          database_url=database_url, host=host, port=port, tls_cert=tls_cert,
                                          tls_key=tls_key, insecure=insecure or None,
                                          max_concurrent_instances=max_concurrent_instances,
@@ -3809,7 +3995,7 @@ def build_cli():
                                          launch_timeout_ms=launch_timeout_ms, launch_max_attempts=launch_max_attempts,
                                          wake_interval_ms=wake_interval_ms, max_message_bytes=max_message_bytes,
                                          sqlite_synchronous=sqlite_synchronous and sqlite_synchronous.upper(),
-                                         event_loop=event_loop and event_loop.lower())
+                                         event_loop=event_loop and event_loop.lower(), metrics_addr=metrics)
             worker = None if workflows is None else load_worker(workflows)
             if worker is not None and executor:
                 worker.executor = executor

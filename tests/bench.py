@@ -9,7 +9,7 @@ one after another, and completing. Servers run as their own processes, so their 
 
 1. ceiling   a bare aioquic echo server, driven by the SDK's own QUIC client code, same frames
 2. quic      `runtara serve` on SQLite FULL, SQLite NORMAL and PostgreSQL, on uvloop when installed; SQLite FULL
-             also on asyncio's own event loop
+             also on asyncio's own event loop, and with `--metrics` (what serving Prometheus metrics costs)
 3. embedded  the same workflow in-process through the embedded backend (SQLite FULL)
 4. dbos      DBOS steps of the same payload, SQLite system database in WAL mode, its own process
 
@@ -436,7 +436,7 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(result, indent=2))
             print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
             return
-        rows = []
+        rows, metrics_cost = [], {}
         for n in counts:
             # The transport rows run round robin, `--repeat` times, and each reports its median run: a slow
             # spell of a shared machine then hits the ceiling and runtara alike, and the ratios stay fair.
@@ -444,6 +444,8 @@ def main() -> None:
             for label, url, loop, options in (
                     ("sqlite FULL", "full", fast_loop, ("--sqlite-synchronous", "FULL")),
                     ("sqlite FULL", "full-asyncio", "asyncio", ("--sqlite-synchronous", "FULL")),
+                    ("sqlite FULL, metrics", "metrics" if importlib.util.find_spec("prometheus_client") else None,
+                     fast_loop, ("--sqlite-synchronous", "FULL", "--metrics", "0")),
                     ("sqlite NORMAL", "normal", fast_loop, ("--sqlite-synchronous", "NORMAL")),
                     ("postgresql", postgres, fast_loop, ())):
                 if url and (loop == fast_loop or fast_loop != "asyncio"):
@@ -463,10 +465,15 @@ def main() -> None:
             for row in group:
                 row["vs_ceiling"] = row["per_second"] / ceiling["per_second"] if row is not ceiling else None
                 row["vs_dbos"] = row["per_second"] / dbos["per_second"] if dbos and row is not dbos else None
+            plain, measured = ([row for row in group if row["database"] == label and row["loop"] == fast_loop]
+                               for label in ("sqlite FULL", "sqlite FULL, metrics"))
+            if plain and measured:  # what serving metrics costs: server CPU per checkpoint, with over without
+                metrics_cost[n] = round(measured[0]["server_cpu_us"] / plain[0]["server_cpu_us"], 3)
             rows += group
             Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))  # kept if a later part fails
             print(f"done: {n} instances", file=sys.stderr)
         extras = {"machine": machine(), **run_connected(folder, args.connected),
+                  "server CPU with metrics, × without (by N)": metrics_cost,
                   "command": "python tests/bench.py " + " ".join(sys.argv[1:])}
         Path(args.json).write_text(json.dumps({"rows": rows, **extras}, indent=2))
         report(rows, extras)

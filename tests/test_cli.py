@@ -362,7 +362,7 @@ def test_serve_help_gives_every_option_its_default_and_variable():
     """Seven of serve's options showed neither their default nor their variable."""
     text = " ".join(script("serve", "--help").stdout.split())
     options = re.split(r" (?=--[a-z-]+ )(?<!/ )", text.split("Options:")[1])[1:]  # each option with its help
-    assert len(options) == 21, options
+    assert len(options) == 22, options
     for option in options:
         assert option.startswith("--help") or "default: " in option, option
     for field, variable in rc.Settings.VARIABLES.items():

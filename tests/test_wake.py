@@ -335,7 +335,7 @@ def test_a_launch_that_ends_before_registering_is_retried_after_backoff_then_fai
         [launch] = w(storage, Tx.claim_launches, now, now + 1000, None, 10, 10)
         assert (launch["run"], launch["launch_attempts"]) == (0, attempt)
         assert w(storage, rc._launch_ended, launch, 4000 + attempt, 3, "exited with code 3", now + 10, RULES) == \
-            "pending"
+            ("pending", "failed")
         state = lifecycle(storage, "doomed")
         # backoff: n = the launch attempts so far (100 ms, then 200 ms)
         assert (state["status"], state["launch_lease_until_ms"], state["launch_after_ms"], state["run"]) == \
@@ -344,7 +344,7 @@ def test_a_launch_that_ends_before_registering_is_retried_after_backoff_then_fai
         assert claim(storage, state["launch_after_ms"] - 1) == []
         now = state["launch_after_ms"]
     [launch] = w(storage, Tx.claim_launches, now, now + 1000, None, 10, 10)
-    assert w(storage, rc._launch_ended, launch, 4003, 3, "exited with code 3", now + 10, RULES) == "failed"
+    assert w(storage, rc._launch_ended, launch, 4003, 3, "exited with code 3", now + 10, RULES) == ("failed", "failed")
     failed = lifecycle(storage, "doomed")
     assert failed["status"] == "failed" and failed["finished_at_ms"] == now + 10
     assert failed["error"] == "launch failed 3 times; the last one exited with code 3 before registering"
@@ -371,7 +371,7 @@ def test_the_end_of_a_registered_current_run_orphans_it(storage):
     w(storage, Tx.create_instance, "i", "t", T0)
     [launch] = w(storage, Tx.claim_launches, T0, T0 + 1000, None, 1, 10)
     assert w(storage, rc._register, "i", "t", None, None, T0 + 5, 1)["run"] == 1  # the launched process
-    assert w(storage, rc._launch_ended, launch, 77, 9, "exited with code 9", T0 + 10, RULES) == "running"
+    assert w(storage, rc._launch_ended, launch, 77, 9, "exited with code 9", T0 + 10, RULES) == ("running", "registered")
     state = lifecycle(storage, "i")
     assert (state["status"], state["run"], state["orphaned_at_ms"], state["restarts"], state["launch_after_ms"]) == \
         ("running", 1, T0 + 10, 1, T0 + 10 + 100)  # backoff: n = restarts before this one
@@ -382,7 +382,7 @@ def test_the_end_of_a_registered_current_run_orphans_it(storage):
     assert w(storage, Tx.count_busy, T0 + 10) == 1  # it keeps its slot
     assert w(storage, Tx.silent_runs, T0 + 1_000_000) == []  # known dead: not silent as well
     # one death is one restart: an exit reported again for the orphaned run changes nothing
-    assert w(storage, rc._launch_ended, launch, 77, 9, "exited with code 9", T0 + 20, RULES) == "running"
+    assert w(storage, rc._launch_ended, launch, 77, 9, "exited with code 9", T0 + 20, RULES) == ("running", "registered")
     assert lifecycle(storage, "i") == state
     assert len(payloads(storage, "i", "restart")) == 1
     assert claim(storage, T0 + 109, max_busy=1) == []
@@ -401,7 +401,8 @@ def test_the_end_of_a_superseded_or_finished_run_changes_nothing(storage):
     w(storage, Tx.transition, "completed", "completed", ("running",), T0 + 7, output=b"")
     for name, status in (("superseded", "running"), ("suspended", "suspended"), ("completed", "completed")):
         before = lifecycle(storage, name)
-        assert w(storage, rc._launch_ended, launches[name], 5, 0, "exited with code 0", T0 + 10, RULES) == status
+        assert w(storage, rc._launch_ended, launches[name], 5, 0, "exited with code 0", T0 + 10, RULES) == \
+            (status, "registered")
         after = lifecycle(storage, name)
         assert after == before, name
         assert payloads(storage, name, "restart") == payloads(storage, name, "launch_failed") == []
@@ -464,7 +465,8 @@ def test_an_orphaned_run_fails_after_max_restarts_naming_the_exit_code(storage):
         assert launch["run"] == run - 1
         assert w(storage, Tx.begin_run, "i", now + 1, None) == run
         w(storage, Tx.save_checkpoint, "i", "same", b"", now + 2)  # replayed after the first run: no progress
-        assert w(storage, rc._launch_ended, launch, 9, 137, "exited with code 137", now + 3, RULES) == status
+        assert w(storage, rc._launch_ended, launch, 9, 137, "exited with code 137", now + 3, RULES) == \
+            (status, "registered")
         now = lifecycle(storage, "i")["launch_after_ms"] or now
     failed = lifecycle(storage, "i")
     assert failed["status"] == "failed" and failed["finished_at_ms"] == now + 3

@@ -1,0 +1,135 @@
+"""serve --metrics (issue 17): a real HTTP client scrapes a running server after a scripted workload, on
+SQLite and on PostgreSQL, and finds the counts the workload caused; the endpoint stays up while PostgreSQL
+is down and says so."""
+
+import asyncio
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import runtara_core as rc
+from conftest import addr, run, settings_for
+from test_faults import _postgres_cluster, _postgres_up
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# One step; the first process dies after it (a crash the server must relaunch); then a durable sleep over the
+# inline maximum (the instance is suspended, and launched again when it is due); then it completes.
+WORKFLOW = '''
+import asyncio, os, sys
+sys.path.insert(0, {root!r})
+import runtara_core as runtara
+
+async def main():
+    async with runtara.Instance(heartbeat_interval_ms=0) as instance:
+        @instance.durable("one")
+        async def one():
+            return 1
+        await one()
+        if not os.path.exists({marker!r}):
+            open({marker!r}, "w").close()
+            os._exit(1)
+        await instance.sleep("nap", 300)
+        await instance.completed(b"done")
+
+asyncio.run(main())
+'''
+
+
+def scrape(server: rc.ServerThread) -> dict:
+    """{(name, ((label, value), ...)): value} of every sample /metrics gives."""
+    host, port = server.server.metrics_address
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as answer:
+        assert answer.status == 200
+        text = answer.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_a_scrape_finds_what_the_workload_did(database_url, tmp_path):
+    script = tmp_path / "workflow.py"
+    script.write_text(WORKFLOW.format(root=str(ROOT), marker=str(tmp_path / "crashed")))
+    server = rc.ServerThread(settings_for(database_url, metrics_addr="0", sleep_inline_max_ms=0,
+                                          wake_interval_ms=100, launch_command=f"{sys.executable} {script}")).start()
+    try:
+        async def workload():
+            async with rc.Client(addr(server), env={}) as operator:
+                await operator.start("m-1", "t")
+                with pytest.raises(rc.InstanceNotFound):
+                    await operator.send_signal("ghost", "cancel")
+                assert (await operator.wait("m-1", timeout=60))["status"] == "completed"
+                deadline = time.monotonic() + 30
+                while True:  # the last process reports its end after it exits, a little after completing
+                    seen = await asyncio.to_thread(scrape, server)  # while this client is connected
+                    ended = sum(v for (name, _), v in seen.items() if name == "runtara_launches_total")
+                    if ended >= 3 or time.monotonic() > deadline:
+                        return seen
+                    await asyncio.sleep(0.1)
+        seen = run(workload())
+    finally:
+        server.stop()
+
+    def value(name, **labels):
+        return seen.get((name, tuple(sorted(labels.items()))), 0)
+    assert value("runtara_requests_total", op="send_signal", outcome="INSTANCE_NOT_FOUND") == 1
+    assert value("runtara_requests_total", op="start_instance", outcome="ok") == 1
+    assert value("runtara_requests_total", op="register_instance", outcome="ok") == 3  # crashed, slept, completed
+    assert value("runtara_requests_total", op="checkpoint", outcome="ok") >= 1
+    assert value("runtara_request_duration_seconds_count", op="checkpoint") >= 1
+    assert value("runtara_launches_total", workflow="default", outcome="registered") == 3
+    assert value("runtara_launches_total", workflow="default", outcome="failed") == 0
+    assert value("runtara_restarts_total") == 1
+    assert value("runtara_wake_lag_seconds_count") == 1
+    groups, writes = value("runtara_commit_group_size_count"), value("runtara_commit_group_size_sum")
+    assert groups >= 1 and writes >= groups and value("runtara_commit_duration_seconds_count") == groups
+    assert value("runtara_connections") >= 1
+    assert value("runtara_database_up") == 1
+    assert value("runtara_instances", status="completed") == 1 and value("runtara_instances", status="failed") == 0
+    assert ("runtara_instances", (("status", "cancelled"),)) in seen  # every status, zeros too
+    assert value("runtara_queue_depth") == 0
+
+
+def test_metrics_are_off_unless_asked_and_a_bad_address_is_one_clear_error(tmp_path):
+    with rc.ServerThread(settings_for(f"sqlite:///{tmp_path / 'x.db'}")) as server:
+        assert server.server.metrics_address is None
+    for bad in ("x", "host", "70000", "1.2.3.4:"):
+        with pytest.raises(ValueError, match="metrics_addr must be PORT or HOST:PORT"):
+            settings_for(f"sqlite:///{tmp_path / 'x.db'}", metrics_addr=bad)
+    done = subprocess.run([sys.executable, str(ROOT / "runtara_core.py"), "serve", "--metrics", "nope",
+                           "--database-url", f"sqlite:///{tmp_path / 'x.db'}"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and done.stderr == "error: --metrics must be PORT or HOST:PORT, not 'nope'\n"
+    without_extra = ("import sys; sys.modules['prometheus_client'] = None; import runtara_core;"
+                     f" runtara_core.main(['serve', '--metrics', '0', '--database-url', 'sqlite:///{tmp_path}/x.db'])")
+    done = subprocess.run([sys.executable, "-c", without_extra], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 1 and done.stderr.splitlines() == [
+        "error: --metrics needs prometheus-client: pip install 'runtara-core[metrics]'"], done.stderr
+
+
+@pytest.mark.skipif(_postgres_cluster() is None, reason="needs TEST_DATABASE_URL and a local pg_ctlcluster")
+def test_the_endpoint_stays_up_while_postgresql_is_down(postgres_url):
+    cluster = _postgres_cluster()
+    server = rc.ServerThread(settings_for(postgres_url, metrics_addr="0")).start()
+    try:
+        assert scrape(server)[("runtara_database_up", ())] == 1
+        subprocess.run(cluster + ["stop", "-m", "fast"], check=True)
+        time.sleep(rc.Metrics.REFRESH_S)  # the counts read last are kept that long
+        started = time.monotonic()
+        down = scrape(server)
+        assert down[("runtara_database_up", ())] == 0 and time.monotonic() - started < 5
+        assert not any(name == "runtara_instances" for name, _ in down)  # no counts it could not read
+        assert ("runtara_requests_total", ()) not in down and ("runtara_restarts_total", ()) in down
+        subprocess.run(cluster + ["start"], check=True)
+        deadline = time.monotonic() + 60
+        while scrape(server)[("runtara_database_up", ())] != 1:
+            assert time.monotonic() < deadline, "the database never came back in the metrics"
+            time.sleep(1)
+    finally:
+        if not _postgres_up():
+            subprocess.run(cluster + ["start"])
+        server.stop()
