@@ -356,7 +356,8 @@ class Model:
         instance = self.instances[iid]
         return {"instance_id": iid, "tenant_id": instance.tenant, "workflow": "default",
                 "checkpoint_id": instance.checkpoint_id, "run": instance.run,
-                "launch_attempts": instance.launch_attempts}
+                "launch_attempts": instance.launch_attempts, "status": instance.status,
+                "sleep_until_ms": instance.sleep_until}
 
     def still_launching(self, claim) -> bool:
         instance = self.instances[claim["instance_id"]]

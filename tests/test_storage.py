@@ -328,6 +328,28 @@ def test_100_concurrent_saves_from_many_threads(storage):
     assert answers.count(None) == 1 and all(a in (None, saved) for a in answers)
 
 
+def test_two_writers_saving_one_checkpoint_keep_the_first_state(storage, database_url):
+    """Two servers on one database: each checkpoint id is contested by both writers at once; one state wins,
+    and the loser's answer carries the winner's state (on PostgreSQL, its INSERT found the row committed)."""
+    other = rc.open_storage(database_url)
+    try:
+        running(storage)
+        for n in range(40):
+            barrier = threading.Barrier(2)
+
+            def save_on(writer, label):
+                barrier.wait()
+                return writer.write(Tx.save_checkpoint, "i-1", f"c{n}", label, T0).result(timeout=30)["first"]
+
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                answers = list(pool.map(save_on, (storage, other), (b"one", b"two")))
+            saved = r(storage, Tx.get_checkpoint, "i-1", f"c{n}")
+            assert sorted(answers, key=repr) == [None, saved], (n, answers, saved)
+        assert r(storage, Tx.count_checkpoints, "i-1") == 40
+    finally:
+        other.close()
+
+
 # -- events -------------------------------------------------------------------------------------
 
 
