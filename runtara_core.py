@@ -172,7 +172,9 @@ class Settings:
                                   env[variable].upper() if field.name == "sqlite_synchronous" else
                                   env[variable].lower() if field.name == "event_loop" else env[variable])
         settings = cls(**{**values, **given})
-        settings.validate(lambda field: (names or {}).get(field, field) if field in given else cls.VARIABLES[field])
+        # Named where it came from: the variable when it was set, else the option (or keyword) one would give.
+        settings.validate(lambda field: cls.VARIABLES[field] if field in values and field not in given
+                          else (names or {}).get(field, field))
         return settings
 
     def validate(self, name: Callable[[str], str] = lambda field: Settings.VARIABLES.get(field, field)) -> None:
@@ -180,6 +182,8 @@ class Settings:
         for field in dataclasses.fields(self):
             if field.type == "int" and getattr(self, field.name) < 0:
                 raise ValueError(f"{name(field.name)} must not be negative, not {getattr(self, field.name)}")
+        if self.max_concurrent_instances < 1:
+            raise ValueError(f"{name('max_concurrent_instances')} must be at least 1, not {self.max_concurrent_instances}")
         if not 1 <= self.max_message_bytes <= MAX_PAYLOAD_BYTES:
             raise ValueError(f"{name('max_message_bytes')} must be between 1 and {MAX_PAYLOAD_BYTES}")
         if self.sqlite_synchronous not in ("FULL", "NORMAL"):
@@ -189,10 +193,19 @@ class Settings:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"{name('port')} must be a UDP port number, not {self.port}")
         for workflow, command in ((None, self.launch_command), *self.workflow_commands.items()):
-            if command is not None and not shlex.split(command):
+            if command is None:
+                continue
+            try:
+                words = shlex.split(command)
+            except ValueError as exc:  # an unclosed quote
+                raise ValueError(f"{name('launch_command')} {command!r}: {str(exc).lower()}") from None
+            if not words:
                 raise ValueError(f"the launch command{f' for {workflow}' if workflow else ''} is empty")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError(f"{name('tls_cert')} and {name('tls_key')} must be set together")
+        for field in ("tls_cert", "tls_key"):
+            if getattr(self, field) and not os.path.isfile(getattr(self, field)):
+                raise ValueError(f"{name(field)}: no file {getattr(self, field)}")
         if self.metrics_addr is not None:
             try:
                 self.metrics_address
@@ -359,6 +372,7 @@ SIGNAL_TYPES = ("cancel", "pause", "resume")
 EVENT_TYPES = ("heartbeat", "completed", "failed", "suspended", "custom")
 STORED_EVENT_TYPES = ("created", "started", "resumed", "completed", "failed", "suspended", "custom", "signal", "retry",
                       "launched", "exited", "launch_failed", "restart", "forked", "forked_from")  # what events lists
+KNOWN_EVENT_TYPES = tuple(dict.fromkeys(EVENT_TYPES + STORED_EVENT_TYPES))  # what a listing may ask for
 
 
 def encode_frame(frame_type: int, message: dict) -> bytes:
@@ -428,7 +442,8 @@ def decode_payload(payload: bytes) -> dict:
     try:
         message = unpack_bounded(payload)
     except Exception as exc:
-        raise InvalidRequest(f"payload is not valid msgpack, or holds more than a request needs: {exc}") from None
+        reason = "a map key is a map or an array" if isinstance(exc, TypeError) else str(exc) or type(exc).__name__
+        raise InvalidRequest(f"payload is not valid msgpack, or holds more than a request needs: {reason}") from None
     if not isinstance(message, dict):
         raise InvalidRequest(f"payload must be a msgpack map, not {type(message).__name__}")
     return message
@@ -562,7 +577,7 @@ OPERATIONS: dict[str, dict[str, tuple[Callable, bool]]] = {
     "send_custom_signal": {**_instance, "checkpoint_id": (check_id, REQUIRED), "payload": (check_bin, OPTIONAL)},
     "list_instances": {"tenant_id": (check_id, OPTIONAL), "status": (one_of(STATUSES), OPTIONAL), **_paging},
     "list_checkpoints": {**_instance, **_paging},
-    "list_events": {**_instance, "event_type": (check_text, OPTIONAL), "subtype": (check_text, OPTIONAL), **_paging},
+    "list_events": {**_instance, "event_type": (one_of(KNOWN_EVENT_TYPES), OPTIONAL), "subtype": (check_text, OPTIONAL), **_paging},
 }
 OPERATOR_OPERATIONS = frozenset(("health_check", "start_instance", "wait_instance", "fork_instance", "send_signal",
                                  "send_custom_signal", "list_instances", "list_checkpoints", "list_events"))
@@ -1053,6 +1068,10 @@ def _applied_migrations(tx: Tx) -> dict[int, tuple[str, int]]:
             tx.rows("SELECT version, name, applied_at_ms FROM runtara_migrations")}
 
 
+MIGRATE_HINT = "run 'runtara migrate' (or start the server)"  # what to do about a database not made or not current
+NO_TABLES = f"the database has no runtara-core tables; {MIGRATE_HINT} to create them"
+
+
 def _recorded_migrations(tx: Tx) -> dict[int, str] | None:
     """{version: name} of the migrations recorded as applied, None when there is no record at all; without
     writing anything."""
@@ -1220,14 +1239,13 @@ class Storage:
         look at a database never creates or upgrades it (an older server would then refuse it)."""
         recorded = self.read(_recorded_migrations).result()
         if not recorded:
-            raise StorageError("the database has no runtara-core tables; run 'runtara migrate' (or start the server)"
-                               " to create them")
+            raise StorageError(NO_TABLES)
         known = {version: name for version, name, _ in known_migrations(self.dialect)}
         _refuse_unknown(recorded, known)
         pending = [f"{version:03d}_{name}" for version, name in sorted(known.items()) if version not in recorded]
         if pending:
             raise StorageError(f"the database needs migration {', '.join(pending)} of runtara-core {__version__};"
-                               f" run 'runtara migrate' (or start the server) to apply it")
+                               f" {MIGRATE_HINT} to apply it")
 
     def migrate(self, progress: Callable[[int, str], None] | None = None) -> list[int]:
         """Apply pending migrations, each in its own transaction; the versions applied."""
@@ -1300,7 +1318,8 @@ class SQLiteStorage(Storage):
         self.path = path
         self.synchronous = synchronous
         if not create and path != ":memory:" and not os.path.exists(path):
-            raise StorageError(f"no database at {path}; start the server (or run 'migrate') to create it")
+            raise StorageError(f"no database at {path}; {MIGRATE_HINT} to create it")
+        self._create = create  # readers open as the writer did: without it, only a runtara-core database
         self._writer_conn = self._connect(create)
         self._writer_tx = (self._writer_conn.execute,
                            Tx(SQLITE, functools.partial(_sqlite_rows, self._writer_conn.cursor())))
@@ -1315,6 +1334,9 @@ class SQLiteStorage(Storage):
         try:
             conn = apsw.Connection(self.path, flags=flags)
             conn.setbusytimeout(10_000)
+            if not create and not conn.execute(SQLITE.has_table, ("runtara_migrations",)).fetchall()[0][0]:
+                conn.close()  # another program's file, or an empty one: not ours to turn to WAL
+                raise StorageError(NO_TABLES)
             conn.execute("PRAGMA journal_mode = WAL").fetchall()
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             conn.execute("PRAGMA foreign_keys = ON")
@@ -1333,7 +1355,7 @@ class SQLiteStorage(Storage):
     def _read(self, fn, args, kwargs):
         conn = getattr(self._reader_local, "conn", None)
         if conn is None:
-            conn = self._reader_local.conn = self._connect(create=False)
+            conn = self._reader_local.conn = self._connect(self._create)
             self._readers.append(conn)
         try:
             conn.execute("BEGIN")
@@ -2300,8 +2322,6 @@ def _usable_certificate(cert_path: Path, key_path: Path) -> bool:
             x509.BasicConstraints).value
     except (ValueError, x509.ExtensionNotFound):
         return True  # not one of ours: leave it alone
-    if constraints.ca:
-        log.warning("replacing %s: earlier versions made it a CA certificate, which rustls refuses", cert_path)
     return not constraints.ca
 
 
@@ -2326,6 +2346,8 @@ def ensure_certificate(settings: Settings) -> tuple[str, str]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _usable_certificate(cert_path, key_path):
             return str(cert_path), str(key_path)
+        if cert_path.exists() and key_path.exists():  # so it was an earlier version's CA certificate
+            log.warning("replacing %s: earlier versions made it a CA certificate, which rustls refuses", cert_path)
         key = ec.generate_private_key(ec.SECP256R1())
         public = key.public_key()
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
@@ -2772,7 +2794,11 @@ class Server:
         cert, key = await asyncio.to_thread(ensure_certificate, settings)
         configuration = QuicConfiguration(is_client=False, alpn_protocols=[ALPN], idle_timeout=60.0,
                                           max_stream_data=settings.max_message_bytes + FRAME_HEADER.size)
-        configuration.load_cert_chain(cert, key)
+        try:
+            configuration.load_cert_chain(cert, key)
+        except (OSError, ValueError) as exc:  # not PEM, or a key that is not the certificate's
+            await self.stop()
+            raise ValueError(f"cannot use the TLS certificate {cert} with the key {key}: {exc}") from None
         try:
             self._quic = await serve(settings.host, settings.port, configuration=configuration,
                                      create_protocol=functools.partial(_server_protocol(), server=self))
@@ -3312,7 +3338,11 @@ class Instance(_Caller):
                                                  "tenant_id": self.tenant_id, "token": self.token, "run": self.run})
 
     async def __aenter__(self) -> "Instance":
-        await self.register()
+        try:
+            await self.register()
+        except BaseException:
+            await self.close()  # a transport it owns is closed even when the run never began
+            raise
         return self
 
     async def __aexit__(self, exc_type, exc, tb) -> bool:
@@ -3461,9 +3491,12 @@ class Instance(_Caller):
                         await asyncio.sleep(min(backoff_ms * 2 ** (attempt - 1), max_backoff_ms) / 1000)
                 try:
                     packed = msgpack.packb(result)
+                    msgpack.unpackb(packed, raw=False)  # as a replay reads it: a map's keys are str (or bytes)
                 except (TypeError, ValueError, OverflowError) as exc:  # nothing was saved
-                    raise TypeError(f"step {step_id} returned a {type(result).__name__}, which cannot be saved:"
-                                    f" {exc}; return None, bools, numbers, str, bytes, lists or dicts") from None
+                    kind = type(result).__name__
+                    raise TypeError(f"step {step_id} returned {'an' if kind[0] in 'aeiou' else 'a'} {kind}, which"
+                                    f" cannot be saved: {exc}; return None, bools, numbers, str, bytes, lists or"
+                                    " dicts with str keys") from None
                 saved = await self.checkpoint(step_id, packed)
                 await self.obey(saved.signal)
                 return msgpack.unpackb(saved.state if saved.found else packed, raw=False)
@@ -3695,6 +3728,7 @@ def load_worker(source: str) -> Worker:
 
 
 DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w)")
+MAX_DURATION_MS = 100 * 365 * 86_400_000  # beyond it, no date is representable and no wait makes sense
 DURATION_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 
 
@@ -3703,7 +3737,10 @@ def parse_duration(text: str) -> int:
     parts = DURATION.findall(text.strip().lower())
     if not parts or "".join(n + unit for n, unit in parts) != text.strip().lower():
         raise ValueError(f"bad duration {text!r}: use a number and a unit (ms, s, m, h, d, w), like 30d or 1h30m")
-    return sum(int(n) * DURATION_MS[unit] for n, unit in parts)
+    total = sum(int(n) * DURATION_MS[unit] for n, unit in parts)
+    if total > MAX_DURATION_MS:
+        raise ValueError(f"duration {text!r} is longer than 100 years")
+    return total
 
 
 def _format_ms(ms: int | None, short: bool = False) -> str:
@@ -3801,13 +3838,14 @@ def build_cli():
     import typer.core
     from rich.console import Console, Group
     from rich.live import Live
+    from rich.measure import Measurement
     from rich.panel import Panel
     from rich.pretty import Pretty
     from rich.progress import Progress
     from rich.table import Table
     from rich.text import Text
 
-    out, err = Console(), Console(stderr=True)
+    out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)  # a message is one line, piped too
 
     def say_error(message: str) -> int:
         err.print(Text.assemble(("error:", "red"), " ", visible(message)), highlight=False, soft_wrap=True)
@@ -3847,6 +3885,8 @@ def build_cli():
                                help=f"Database URL [default: {DEFAULT_DATABASE_URL}]")
     Json = typer.Option(False, "--json", help="Print JSON only (bytes as base64)")
     Limit = typer.Option(50, min=1, max=1000, help="How many rows at most")
+    Status = typer.Option(None, help="Only this status: " + ", ".join(STATUSES))
+    Tenant = typer.Option(None, help="Only this tenant")
 
     def fail(message: str) -> typer.Exit:
         return typer.Exit(say_error(message))
@@ -3864,16 +3904,20 @@ def build_cli():
             return self.storage.write(fn, *args, **kwargs).result()
 
     @contextlib.contextmanager
-    def database(url: str | None, create: bool = False):
-        """Open the database; unless asked to create it (and apply migrations), it must exist and be current,
-        and nothing about it changes but what the command writes. Any RuntaraError becomes exit 1."""
+    def database(url: str | None):
+        """Open the database, which must exist and be current: nothing about it changes but what the command
+        writes (only `migrate` and `serve` create or upgrade one). Any RuntaraError becomes exit 1."""
         try:
-            with open_storage(url or DEFAULT_DATABASE_URL, create=create, migrate=create) as storage:
-                if not create:
-                    storage.check_schema()
+            with open_storage(url or DEFAULT_DATABASE_URL, create=False, migrate=False) as storage:
+                storage.check_schema()
                 yield Database(storage)
         except (RuntaraError, ValueError) as exc:
-            raise fail(str(exc))
+            hint = f"run 'runtara migrate --database-url {_redact(url)}' (or start the server on it)" if url else ""
+            raise fail(str(exc).replace(MIGRATE_HINT, hint) if hint else str(exc))
+
+    def check_status(status: str | None) -> None:
+        if status is not None and status not in STATUSES:
+            raise fail(f"unknown status {status!r}: use one of {', '.join(STATUSES)}")
 
     def duration(text: str) -> int:
         try:
@@ -3891,13 +3935,27 @@ def build_cli():
     def status_text(status: str) -> Text:
         return Text(status, style=STATUS_STYLES.get(status, "white"))
 
+    def id_column(table: Table, heading: str, values) -> None:
+        """A column of ids, as wide as its longest: other columns give way (their text wraps), an id never
+        does, so that it can be read, copied and found with grep."""
+        table.add_column(heading, no_wrap=True, width=max([len(heading), *(len(visible(v)) for v in values)]))
+
+    def print_table(table: Table) -> None:
+        """Print a table with nothing cut. Piped, it has its full width; on a terminal, wider columns than ids
+        wrap, and a table that still does not fit is printed at full width too, for the terminal to wrap."""
+        width, needed = out.width, Measurement.get(out, out.options.update_width(1 << 16), table)
+        if not out.is_terminal or needed.minimum > width:
+            out.width = max(width, needed.maximum)
+        try:
+            out.print(table, crop=False, soft_wrap=False)
+        finally:
+            out.width = width
+
     def instances_table(instances: list[dict], title: str | Text | None = None) -> Table:
         now = now_ms()
         table = Table(title=title)
-        for heading, key, widest in (("instance", "instance_id", 40), ("tenant", "tenant_id", 16),
-                                     ("checkpoint", "checkpoint_id", 16)):  # ids fold onto more lines, never cut
-            longest = max((len(visible(i[key] or "-")) for i in instances), default=len(heading))
-            table.add_column(heading, overflow="fold", min_width=min(longest, widest))
+        for heading, key in (("instance", "instance_id"), ("tenant", "tenant_id"), ("checkpoint", "checkpoint_id")):
+            id_column(table, heading, (i[key] or "-" for i in instances))
             if heading == "tenant":
                 table.add_column("status", min_width=9)
         for heading in ("created", "started", "finished", "heartbeat"):
@@ -3912,7 +3970,7 @@ def build_cli():
 
     def checkpoints_table(checkpoints: list[dict], title: str | None = None) -> Table:
         table = Table(title=title)
-        table.add_column("checkpoint", overflow="fold")
+        id_column(table, "checkpoint", (c["checkpoint_id"] for c in checkpoints))
         table.add_column("saved")
         table.add_column("size")
         for c in checkpoints:
@@ -3935,8 +3993,8 @@ def build_cli():
 
     def events_table(events: list[dict], title: str | None = None) -> Table:
         table = Table("id", "time", "type", title=title)
-        for heading in ("subtype", "checkpoint"):
-            table.add_column(heading, overflow="fold")
+        table.add_column("subtype", overflow="fold")
+        id_column(table, "checkpoint", (e.get("checkpoint_id") or "" for e in events))
         table.add_column("payload")
         for e in events:
             table.add_row(str(e["id"]), _format_ms(e["created_at_ms"]), shown(e["event_type"]),
@@ -3971,7 +4029,8 @@ def build_cli():
         max_restarts: int = setting("max_restarts", "Relaunches of a dead run in a row without a new"
                                     " checkpoint", min=0),
         workflows: str = typer.Option(None, help="A module or .py file defining a Worker: its workflows run in"
-                                                 " this process [default: none]"),
+                                                 " this process (no variable: code to import is named on the"
+                                                 " command line) [default: none]"),
         executor: str = setting("executor", "The name this server's in-process runs are claimed under"
                                 " (a Worker's own name comes first)"),
         launch_timeout_ms: int = setting("launch_timeout_ms", "Time a launched process has to register", min=1),
@@ -4027,27 +4086,26 @@ def build_cli():
                     table.add_row(f"{version:03d}", name, _format_ms(at) + (" (now)" if version in applied else ""))
         except RuntaraError as exc:
             raise fail(str(exc))
-        out.print(table)
+        print_table(table)
 
     @app.command()
     def instances(
         database_url: str = DatabaseUrl,
-        status: str = typer.Option(None, help="Only this status: " + ", ".join(STATUSES)),
-        tenant: str = typer.Option(None, help="Only this tenant"),
+        status: str = Status,
+        tenant: str = Tenant,
         since: str = typer.Option(None, help="Only created within this long, like 1h or 7d"),
         limit: int = Limit,
         json: bool = Json,
     ):
         """List instances, newest first."""
-        if status is not None and status not in STATUSES:
-            raise fail(f"unknown status {status!r}: use one of {', '.join(STATUSES)}")
+        check_status(status)
         created_since = None if since is None else now_ms() - duration(since)
         with database(database_url) as db:
             rows = db.read(Tx.list_instances, tenant_id=tenant, status=status, since=created_since, limit=limit)
             total = db.read(Tx.count_instances, tenant_id=tenant, status=status, since=created_since)
         if json:
             return emit_json({"instances": rows, "total_count": total})
-        out.print(instances_table(rows, title=f"{len(rows)} of {counted(total, 'instance')}"))
+        print_table(instances_table(rows, title=f"{len(rows)} of {counted(total, 'instance')}"))
 
     @app.command()
     def show(instance_id: str, database_url: str = DatabaseUrl, json: bool = Json):
@@ -4086,7 +4144,7 @@ def build_cli():
             listed = db.read(_list_checkpoints, instance_id, limit, 0)
         if json:
             return emit_json(listed)
-        out.print(checkpoints_table(listed["checkpoints"],
+        print_table(checkpoints_table(listed["checkpoints"],
                                     title=f"{len(listed['checkpoints'])} of"
                                           f" {counted(listed['total_count'], 'checkpoint')}"))
 
@@ -4118,7 +4176,7 @@ def build_cli():
             listed = db.read(_list_events, instance_id, type, subtype, limit, 0)
         if json:
             return emit_json(listed)
-        out.print(events_table(listed["events"],
+        print_table(events_table(listed["events"],
                                title=f"{len(listed['events'])} of {counted(listed['total_count'], 'event')}"))
 
     @app.command()
@@ -4128,9 +4186,20 @@ def build_cli():
         """Send cancel, pause or resume to an instance."""
         if signal_type not in SIGNAL_TYPES:
             raise fail(f"unknown signal {signal_type!r}: use cancel, pause or resume")
+        data = checked_signal(instance_id, None, payload)
         with database(database_url) as db:
-            sent = db.write(_send_signal, instance_id, signal_type, (payload or "").encode(), now_ms())
+            sent = db.write(_send_signal, instance_id, signal_type, data, now_ms())
         err.print(shown(f"sent {signal_type} to {instance_id}; it is {sent['status']}"))
+
+    def checked_signal(instance_id: str, checkpoint_id: str | None, payload: str | None) -> bytes:
+        """The payload's bytes, once the ids and the payload keep the protocol's rules."""
+        try:
+            check_id(instance_id, "INSTANCE_ID")
+            if checkpoint_id is not None:
+                check_id(checkpoint_id, "CHECKPOINT_ID")
+            return check_signal_payload((payload or "").encode(), "--payload")
+        except InvalidRequest as exc:
+            raise fail(str(exc))
 
     WAIT_EXIT = {"completed": 0, "failed": 3, "cancelled": 4}  # and 5: not finished at the timeout
 
@@ -4171,13 +4240,16 @@ def build_cli():
             raise fail("give --input or --input-file, not both")
         try:
             data = input_file.read_bytes() if input_file is not None else (input or "").encode()
+        except OSError as exc:
+            raise fail(f"--input-file: cannot read {input_file}: {exc.strerror}")
+        try:
             check_id(instance_id, "INSTANCE_ID")
             check_id(tenant, "--tenant")
             if workflow is not None:
                 check_id(workflow, "--workflow")
-        except (OSError, InvalidRequest) as exc:
+        except InvalidRequest as exc:
             raise fail(str(exc))
-        with database(database_url, create=True) as db:  # a start may come before the server made the database
+        with database(database_url) as db:
             started = db.write(_start_instance, instance_id, tenant, workflow, data, now_ms())
             err.print(shown(f"{'started' if started['created'] else 'already started:'} {instance_id}"
                            f" ({started['status']})"))
@@ -4198,7 +4270,7 @@ def build_cli():
             raise fail(str(exc))
         with database(database_url) as db:
             forked = db.write(_fork_instance, instance_id, new_id, from_checkpoint, now_ms())
-            err.print(shown(f"forked {instance_id} as {new_id} with {forked['checkpoints']} checkpoints"
+            err.print(shown(f"forked {instance_id} as {new_id} with {counted(forked['checkpoints'], 'checkpoint')}"
                            + (f", up to {forked['checkpoint_id']}" if forked.get("checkpoint_id") else "")))
             if wait:
                 wait_for_end(db, new_id, timeout)
@@ -4216,8 +4288,9 @@ def build_cli():
                       payload: str = typer.Option(None, help="Text delivered with the signal"),
                       database_url: str = DatabaseUrl):
         """Leave a signal for the instance's next checkpoint or poll naming CHECKPOINT_ID."""
+        data = checked_signal(instance_id, checkpoint_id, payload)
         with database(database_url) as db:
-            db.write(_send_custom_signal, instance_id, checkpoint_id, (payload or "").encode(), now_ms())
+            db.write(_send_custom_signal, instance_id, checkpoint_id, data, now_ms())
         err.print(shown(f"left a signal for {instance_id} at checkpoint {checkpoint_id}"))
 
     @app.command()
@@ -4236,7 +4309,7 @@ def build_cli():
         oldest = numbers["oldest_running"]
         table.add_row("oldest running", "-" if oldest is None else
                       shown(f"{oldest['instance_id']} (since {_format_ms(oldest['started_at_ms'])})"))
-        out.print(table)
+        print_table(table)
 
     @app.command()
     def gc(older_than: str = typer.Option(..., help="Finished longer ago than this, like 30d"),
@@ -4271,8 +4344,12 @@ def build_cli():
             due = db.read(Tx.launch_queue, now, limit)
         if json:
             return emit_json({"wakes": due})
-        table = Table("instance", "tenant", "workflow", "checkpoint", "why", "launch", "attempts",
-                      title=f"{counted(len(due), 'instance')} waiting for a launch")
+        table = Table(title=f"{counted(len(due), 'instance')} waiting for a launch")
+        for heading, key in (("instance", "instance_id"), ("tenant", "tenant_id"), ("workflow", "workflow"),
+                             ("checkpoint", "checkpoint_id")):
+            id_column(table, heading, (d[key] or "-" for d in due))
+        for heading in ("why", "launch", "attempts"):
+            table.add_column(heading)
 
         def why(d) -> str:
             if d["status"] == "pending":
@@ -4288,7 +4365,7 @@ def build_cli():
             table.add_row(shown(d["instance_id"]), shown(d["tenant_id"]), shown(d["workflow"]),
                           shown(d["checkpoint_id"] or "-"), why(d), launch,
                           str(d["launch_attempts"]))
-        out.print(table)
+        print_table(table)
 
     @app.command()
     def token(instance_id: str = typer.Argument(None, help="The instance the token is for"),
@@ -4313,11 +4390,13 @@ def build_cli():
         typer.echo(instance_token(secret, tenant, instance_id))
 
     @app.command()
-    def watch(database_url: str = DatabaseUrl, status: str = typer.Option(None), tenant: str = typer.Option(None),
+    def watch(database_url: str = DatabaseUrl,
+              status: str = Status, tenant: str = Tenant,
               interval: float = typer.Option(1.0, min=0.1, help="Seconds between refreshes"),
-              limit: int = typer.Option(30, min=1, max=1000),
+              limit: int = typer.Option(30, min=1, max=1000, help="At most this many instances, newest first"),
               iterations: int = typer.Option(0, min=0, help="Stop after this many refreshes (0: until Ctrl-C)")):
         """A live table of instances."""
+        check_status(status)
         def snapshot(db) -> Table:
             rows = db.read(Tx.list_instances, tenant_id=tenant, status=status, limit=limit)
             counts = db.read(Tx.count_by_status)
@@ -4327,7 +4406,7 @@ def build_cli():
         with database(database_url) as db:
             # On a terminal the table is redrawn in place; piped, each snapshot is printed as it is taken.
             live = Live(snapshot(db), console=out, auto_refresh=False) if out.is_terminal else None
-            show = (lambda: live.update(snapshot(db), refresh=True)) if live else (lambda: out.print(snapshot(db)))
+            show = (lambda: live.update(snapshot(db), refresh=True)) if live else (lambda: print_table(snapshot(db)))
             with live or contextlib.nullcontext(), contextlib.suppress(KeyboardInterrupt):
                 if live is None:
                     show()

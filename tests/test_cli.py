@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import apsw
 import msgpack
 import pytest
 from typer.testing import CliRunner
@@ -275,14 +276,25 @@ def test_reads_never_create_or_migrate_a_database(database_url, tmp_path):
     if database_url.startswith("sqlite"):
         missing = console("stats", database_url=f"sqlite:///{tmp_path / 'none.db'}")
         assert missing.returncode == 1 and "no database at" in missing.stderr and not (tmp_path / "none.db").exists()
+        (tmp_path / "empty.db").touch()  # an empty file, and another program's database: neither turned to WAL
+        other = apsw.Connection(str(tmp_path / "other.db"))
+        other.execute("CREATE TABLE notes (body TEXT)")
+        other.close()
+        for name in ("empty.db", "other.db"):
+            before = (tmp_path / name).read_bytes()
+            done = console("stats", database_url=f"sqlite:///{tmp_path / name}")
+            assert done.returncode == 1 and "no runtara-core tables" in done.stderr, done.stderr
+            assert (tmp_path / name).read_bytes() == before and not (tmp_path / f"{name}-wal").exists()
     with rc.open_storage(database_url, migrate=False) as storage:  # an empty database (an empty schema)
         empty = console("stats", database_url=database_url)
-        assert empty.returncode == 1 and "run 'runtara migrate'" in empty.stderr, empty.stderr
+        assert empty.returncode == 1 and "run 'runtara migrate --database-url " in empty.stderr, empty.stderr
+        assert console("start", "early", "--tenant", "t", database_url=database_url).returncode == 1
         assert storage.read(rc._recorded_migrations).result() is None  # no record table made either
         older = [m for m in rc.known_migrations(storage.dialect) if m[0] < 3]  # as an older version left it
         for version, name, sql in older:
             storage.write(rc._apply_migration, version, name, sql).result()
-        for command in (["instances"], ["stats"], ["show", "x"], ["signal", "x", "cancel"], ["wakes"]):
+        for command in (["instances"], ["stats"], ["show", "x"], ["signal", "x", "cancel"], ["wakes"],
+                        ["start", "y", "--tenant", "t"]):
             done = console(*command, database_url=database_url)
             assert done.returncode == 1 and "needs migration 003_runs" in done.stderr, (command, done.stderr)
             assert len(done.stderr.strip().splitlines()) == 1
@@ -315,6 +327,48 @@ def test_postgresql_mistakes_are_one_quick_line_naming_the_cause(postgres_url, u
     assert done.returncode == 1 and time.monotonic() - started < 3, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: cannot reach PostgreSQL") and cause in errors[0], errors
+
+
+LONG = {"instance_id": "order-2026-12-02-very-long-instance-identifier-0001",
+        "tenant_id": "tenant-with-a-rather-long-name-xyz", "checkpoint_id": "checkpoint-with-a-long-name-42"}
+
+
+@pytest.mark.parametrize("columns", ["80", "40"])
+def test_ids_are_never_cut_in_narrow_or_piped_output(database_url, columns, tmp_path):
+    """`runtara instances | cat` and 80-column terminals showed `…` for ids, or split them over two lines, so
+    that grep found nothing; the columns right of them were cropped away."""
+    now = rc.now_ms()
+    with rc.open_storage(database_url) as storage:
+        storage.write(rc.Tx.create_instance, LONG["instance_id"], LONG["tenant_id"], now).result()
+        storage.write(rc._register, LONG["instance_id"], LONG["tenant_id"], None, None, now, 10).result()
+        storage.write(rc._checkpoint, LONG["instance_id"], LONG["checkpoint_id"], b"s", None, now, 1 << 20).result()
+        storage.write(rc.Tx.insert_event, LONG["instance_id"], "custom", now, "progress", LONG["checkpoint_id"],
+                      None).result()
+    env = {**__import__("os").environ, "COLUMNS": columns}
+    for command in (["instances"], ["watch", "--iterations", "1"], ["wakes"],
+                    ["checkpoints", LONG["instance_id"]], ["events", LONG["instance_id"]]):
+        done = subprocess.run([sys.executable, str(ROOT / "runtara_core.py"), *command, "--database-url",
+                               database_url], capture_output=True, text=True, timeout=60, env=env)
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        for key in ("instance_id", "tenant_id", "checkpoint_id") if command[0] in ("instances", "watch") else (
+                ("checkpoint_id",) if command[0] != "wakes" else ()):
+            assert any(LONG[key] in line for line in lines), (command, key, done.stdout)
+        assert "…" not in done.stdout, (command, done.stdout)
+        if command[0] in ("instances", "watch"):
+            assert "heartbeat" in done.stdout and "cancelled 0" in done.stdout.replace("\n", " ") or \
+                command[0] == "instances", done.stdout
+
+
+def test_messages_are_one_line_when_piped(filled):
+    """At 80 columns, `gc --dry-run` and long notices wrapped onto a second line; fork said "1 checkpoints"."""
+    done = console("gc", "--older-than", "3650d", "--dry-run", database_url=filled)
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 1 and len(done.stdout) > 80, done.stdout
+    long_id = "a-checkpoint-id-long-enough-that-the-notice-passes-eighty-columns"
+    done = console("custom-signal", "order-2", long_id, database_url=filled)
+    assert done.returncode == 0 and len(done.stderr.splitlines()) == 1, done.stderr
+    forked = console("fork", "order-1", "--new-id", "order-1b", "--from", "fetch", database_url=filled)
+    assert forked.stderr.startswith("forked order-1 as order-1b with 1 checkpoint,"), forked.stderr
 
 
 def test_watch_piped_prints_each_snapshot(filled):
@@ -351,11 +405,41 @@ def test_every_mistake_is_one_line_with_exit_code_1_naming_what_was_typed(args, 
     assert "RUNTARA_" not in lines[0]
 
 
+@pytest.mark.parametrize("args, says", [
+    (["serve", "--tls-cert", "c.pem"], "--tls-cert and --tls-key must be set together"),
+    (["serve", "--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"], "--tls-cert: no file"),
+    (["serve", "--launch", 'python3 "x'], "--launch 'python3 \"x': no closing quotation"),
+    (["start", "x", "--tenant", "t", "--input-file", "/nonexistent"], "--input-file: cannot read"),
+    (["watch", "--status", "bogus"], "unknown status 'bogus'"),
+    (["gc", "--older-than", "99999999999999999999d", "--dry-run"], "longer than 100 years"),
+    (["instances", "--since", "99999999999999999999d"], "longer than 100 years"),
+    (["signal", "x", "pause", "--payload", "p" * 70_000], "'--payload' must be binary of at most 65536 bytes"),
+    (["custom-signal", "x", ""], "'CHECKPOINT_ID'"), (["custom-signal", "x", "a\nb"], "'CHECKPOINT_ID'"),
+    (["custom-signal", "x", "c" * 600], "'CHECKPOINT_ID'"), (["signal", "x\ty", "cancel"], "'INSTANCE_ID'"),
+])
+def test_mistakes_in_values_are_one_line_naming_the_option(args, says, tmp_path):
+    """A missing --tls-key was named as RUNTARA_TLS_KEY; a missing file, a bad quote or a huge duration gave an
+    errno text or a traceback; `watch --status bogus` listed nothing; signals skipped the protocol's limits."""
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    assert script("migrate", "--database-url", url).returncode == 0
+    done = script(*args, "--database-url", url)
+    lines = done.stderr.splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+    assert "RUNTARA_" not in lines[0] and "Errno" not in lines[0]
+    with rc.open_storage(url, migrate=False) as storage:
+        assert storage.read(rc.Tx.count_instances).result() == 0  # nothing was written
+
+
 def test_a_variable_is_named_when_the_mistake_is_in_the_variable(tmp_path):
     done = script("serve", "--database-url", f"sqlite:///{tmp_path / 'x.db'}", env={"RUNTARA_QUIC_PORT": "x"})
     assert done.returncode == 1 and done.stderr == "error: RUNTARA_QUIC_PORT must be a whole number, not 'x'\n"
     done = script("serve", env={"RUNTARA_EVENT_LOOP": "trio", "RUNTARA_DATABASE_URL": f"sqlite:///{tmp_path}/x.db"})
     assert done.stderr.startswith("error: RUNTARA_EVENT_LOOP must be"), done.stderr
+    done = script("serve", env={"RUNTARA_MAX_CONCURRENT_INSTANCES": "0",
+                                "RUNTARA_DATABASE_URL": f"sqlite:///{tmp_path}/x.db"})  # --max-... 0 is refused too
+    assert done.stderr == "error: RUNTARA_MAX_CONCURRENT_INSTANCES must be at least 1, not 0\n", done.stderr
+    done = script("serve", "--tls-cert", "c.pem", env={"RUNTARA_TLS_KEY": "k.pem"})
+    assert done.stderr == "error: --tls-cert: no file c.pem\n", done.stderr
 
 
 def test_serve_help_gives_every_option_its_default_and_variable():

@@ -180,6 +180,9 @@ def test_single_embedded_instance_closes_the_database_it_owns(tmp_path, database
     done = subprocess.run([sys.executable, "note.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
+    again = subprocess.run([sys.executable, "note.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=60)  # the instance is completed: registering fails, and still closes it all
+    assert again.returncode == 1 and "InvalidState" in again.stderr, again.stderr
     if database_url.startswith("sqlite:///"):
         path = Path(database_url.removeprefix("sqlite:///"))
         assert path.exists() and not Path(f"{path}-wal").exists()

@@ -87,6 +87,14 @@ def test_payload_that_is_not_one_map_is_rejected(payload):
         rc.decode_frame(rc.FRAME_HEADER.pack(len(payload), rc.FRAME_REQUEST) + payload)
 
 
+@pytest.mark.parametrize("payload, reason", [(b"\xc1", "FormatError"), (b"\x81\x91\x01\x02", "a map key is a map or an array")])
+def test_an_undecodable_payload_says_why(payload, reason):
+    """The error ended in an empty reason, or in Python's "unhashable type: 'list'"."""
+    with pytest.raises(rc.InvalidRequest) as refused:
+        rc.decode_payload(payload)
+    assert str(refused.value).endswith(f"holds more than a request needs: {reason}")
+
+
 def test_deep_nesting_is_rejected_not_crashing():
     payload = b"\x91" * 100_000 + b"\xc0"
     with pytest.raises(rc.InvalidRequest):
