@@ -215,13 +215,10 @@ class Settings:
     @property
     def metrics_address(self) -> tuple[str, int]:
         """(host, port) of the metrics endpoint: a bare port listens on loopback only, like the QUIC port."""
-        if self.metrics_addr.strip().isdigit():
-            if int(self.metrics_addr) > 65535:
-                raise ValueError(f"no port {self.metrics_addr}")
-            return "127.0.0.1", int(self.metrics_addr)
-        if not re.search(r":\d+$", self.metrics_addr):
+        match = re.fullmatch(r"(?:\[([^\]]+)\]:|([^:\[\]]+):)?([0-9]+)", self.metrics_addr.strip(), re.ASCII)
+        if not match or int(match[3]) > 65535:
             raise ValueError(f"no port in {self.metrics_addr!r}")
-        return parse_server_addr(self.metrics_addr)
+        return match[1] or match[2] or "127.0.0.1", int(match[3])
 
     def command_for(self, workflow: str) -> str | None:
         """The launch command for `workflow`: its own, else the default, else None."""
@@ -231,6 +228,10 @@ class Settings:
     def launched_workflows(self) -> tuple[str, ...] | None:
         """The workflows the server launches: None for all of them (a default command), else their names."""
         return None if self.launch_command else tuple(self.workflow_commands)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_server_addr(addr: str) -> tuple[str, int]:
@@ -2490,7 +2491,9 @@ def _server_protocol():
                 self.new_requests = True
 
         def reject(self, stream_id: int, error: RuntaraError, end: bool = False):
-            """Answer a stream with an error now and drop the rest of its bytes."""
+            """Answer a stream with an error now and drop the rest of its bytes (a request of no operation yet:
+            its frame was bad, too large, or stalled)."""
+            self.server.core.observer.request("unknown", error.code, 0.0)
             self.drop(stream_id)
             if not end:
                 self.rejected.add(stream_id)
@@ -2651,7 +2654,8 @@ class Metrics(Observer):
             import prometheus_client as prometheus
             from prometheus_client.core import GaugeMetricFamily
         except ImportError:
-            raise ImportError("--metrics needs prometheus-client: pip install 'runtara-core[metrics]'") from None
+            raise ImportError("metrics (--metrics, RUNTARA_METRICS_ADDR) need prometheus-client: pip install"
+                              " 'runtara-core[metrics]'") from None
         self._prometheus, self._family, self.server = prometheus, GaugeMetricFamily, server
         self.registry = registry = prometheus.CollectorRegistry()
         self.requests = prometheus.Counter("runtara_requests", "Requests answered, by operation and outcome (ok or"
@@ -2666,11 +2670,12 @@ class Metrics(Observer):
                                                    registry=registry)
         prometheus.Gauge("runtara_connections", "QUIC connections open", registry=registry).set_function(
             lambda: len(server.connections))
-        self.launches = prometheus.Counter("runtara_launches", "Launches that ended, by workflow and outcome"
-                                           " (registered: its process began a run; failed: it did not)",
-                                           ["workflow", "outcome"], registry=registry)
-        self.restarts = prometheus.Counter("runtara_restarts", "Launches of runs whose process died",
+        self.launches = prometheus.Counter("runtara_launches", "Launches that ended, by workflow (the configured"
+                                           " names; any other is \"other\") and outcome (registered: its process"
+                                           " began a run; failed: it did not)", ["workflow", "outcome"],
                                            registry=registry)
+        self.restarts = prometheus.Counter("runtara_restarts", "Runs whose process died, relaunched (once per"
+                                           " death, however many launches it takes)", registry=registry)
         self.wake_lag = prometheus.Histogram("runtara_wake_lag_seconds", "A sleeper's launch time minus its wake"
                                              " time", buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
                                              registry=registry)
@@ -2693,12 +2698,18 @@ class Metrics(Observer):
     def claimed(self, claims, now):
         for claim in claims:
             if claim["status"] == "running":
-                self.restarts.inc()
+                if claim["launch_attempts"] == 1:  # the first launch since the run died; the others retry it
+                    self.restarts.inc()
             elif claim["status"] == "suspended" and claim["sleep_until_ms"] is not None:
                 self.wake_lag.observe(max(0, now - claim["sleep_until_ms"]) / 1000)
 
     def launch_ended(self, workflow, outcome):
-        self.launches.labels(workflow, outcome).inc()
+        # Workflow names come from clients: only those the server was told of become labels, so that no client
+        # can make series without end.
+        settings, worker = self.server.settings, self.server.worker
+        known = workflow == "default" or workflow in settings.workflow_commands or (
+            worker is not None and workflow in worker.functions)
+        self.launches.labels(workflow if known else "other", outcome).inc()
 
     def collect(self):
         """runtara_database_up, and unless it is 0, runtara_instances{status} and runtara_queue_depth."""
@@ -2719,12 +2730,45 @@ class Metrics(Observer):
             yield self._family("runtara_queue_depth", "Instances waiting for a launch that none has begun",
                                value=waiting)
 
+    SCRAPERS = 8        # connections served at once; one more is closed at once
+    SCRAPE_IDLE_S = 5.0  # a connection that sends nothing for this long is closed
+
     def serve(self, address: tuple[str, int]) -> tuple[str, int]:
-        """Serve /metrics on a thread; the address it listens on."""
+        """Serve /metrics on threads of its own; the address it listens on. prometheus-client's own server
+        takes a thread per connection and waits on each for ever, so idle connections could take every file
+        descriptor the QUIC server needs: here they are few and short-lived."""
+        from socketserver import ThreadingMixIn
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+        slots = threading.BoundedSemaphore(self.SCRAPERS)
+
+        class Handler(WSGIRequestHandler):
+            timeout = self.SCRAPE_IDLE_S
+
+            def log_message(self, *args):  # a scrape is not news
+                pass
+
+        class HTTPServer(ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+
+            def process_request(self, request, client_address):
+                if slots.acquire(blocking=False):
+                    super().process_request(request, client_address)
+                else:
+                    self.shutdown_request(request)
+
+            def process_request_thread(self, request, client_address):
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    slots.release()
         try:
-            self._http, _ = self._prometheus.start_http_server(address[1], address[0], registry=self.registry)
+            self._http = HTTPServer(address, Handler)
         except OSError as exc:
-            raise OSError(exc.errno, f"cannot serve metrics on {address[0]}:{address[1]}: {exc.strerror}") from None
+            raise OSError(f"cannot serve metrics on {_host_port(*address)}: {exc.strerror}") from None
+        self._http.set_app(self._prometheus.make_wsgi_app(self.registry))
+        threading.Thread(target=self._http.serve_forever, name="runtara-metrics", daemon=True).start()
         return self._http.server_address[:2]
 
     def close(self) -> None:
@@ -2770,41 +2814,47 @@ class Server:
 
     async def start(self) -> "Server":
         """Open the database (unless given), listen, and start the scheduler."""
-        from aioquic.asyncio import serve
-        from aioquic.quic.configuration import QuicConfiguration
-
         settings = self.settings
         if not settings.secret and not is_loopback(settings.host) and not settings.insecure:
             raise ValueError(f"refusing to listen on {settings.host} without authentication: anyone who reaches it"
                              " could read and change every instance. Set RUNTARA_SECRET, or pass --insecure")
         if settings.metrics_addr is not None:
             self.metrics = Metrics(self)  # first: a missing extra is said before anything is opened
+        try:
+            await self._open()
+        except BaseException:
+            await self.stop()  # nothing is left half-started: no port listening, no database open
+            raise
+        log.info("runtara-core %s listening on %s (QUIC, ALPN %s, %s loop), database %s", __version__,
+                 _host_port(*self.address), ALPN, type(asyncio.get_running_loop()).__module__.split(".")[0],
+                 _redact(settings.database_url))
+        return self
+
+    async def _open(self) -> None:
+        from aioquic.asyncio import serve
+        from aioquic.quic.configuration import QuicConfiguration
+
+        settings = self.settings
         if self.storage is None:
             self.storage = await asyncio.to_thread(open_storage, settings.database_url,
                                                    synchronous=settings.sqlite_synchronous)
         self.core = Core(self.storage, settings)
         if self.metrics is not None:
-            try:
-                self.metrics_address = self.metrics.serve(settings.metrics_address)
-            except OSError:
-                await self.stop()
-                raise
+            self.metrics_address = self.metrics.serve(settings.metrics_address)
             self.core.observer, self.storage.on_commit = self.metrics, self.metrics.commit
-            log.info("metrics at http://%s:%d/metrics", *self.metrics_address)
+            log.info("metrics at http://%s/metrics", _host_port(*self.metrics_address))
         cert, key = await asyncio.to_thread(ensure_certificate, settings)
         configuration = QuicConfiguration(is_client=False, alpn_protocols=[ALPN], idle_timeout=60.0,
                                           max_stream_data=settings.max_message_bytes + FRAME_HEADER.size)
         try:
             configuration.load_cert_chain(cert, key)
         except (OSError, ValueError) as exc:  # not PEM, or a key that is not the certificate's
-            await self.stop()
             raise ValueError(f"cannot use the TLS certificate {cert} with the key {key}: {exc}") from None
         try:
             self._quic = await serve(settings.host, settings.port, configuration=configuration,
                                      create_protocol=functools.partial(_server_protocol(), server=self))
         except OSError as exc:
-            await self.stop()
-            raise OSError(exc.errno, f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
+            raise OSError(f"cannot listen on {_host_port(settings.host, settings.port)}: {exc.strerror}") from None
         self._enlarge_receive_buffer()
         launchers = [ProcessLauncher(self.core, self.address)] if settings.launched_workflows != () else []
         if self.worker is not None:
@@ -2812,10 +2862,6 @@ class Server:
         self.scheduler = Scheduler(self.core, launchers, self.worker.executor if self.worker is not None else None)
         self.scheduler.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._reset_stalled())
-        host, port = self.address
-        log.info("runtara-core %s listening on %s:%d (QUIC, ALPN %s, %s loop), database %s", __version__, host, port,
-                 ALPN, type(asyncio.get_running_loop()).__module__.split(".")[0], _redact(settings.database_url))
-        return self
 
     RECEIVE_BUFFER = 4 * 2**20
 
@@ -2848,6 +2894,7 @@ class Server:
     async def stop(self) -> None:
         """Answer what is in flight, close connections and the database (checkpointing the WAL).
         Launched processes live on; a server that starts again finds them by their heartbeats."""
+        listened = self._quic is not None  # else a start failed, and its error says all
         if self.core is not None:
             self.core.close()
         if self.scheduler is not None:
@@ -2861,7 +2908,10 @@ class Server:
             for task in pending:
                 task.cancel()
         if self._quic is not None:
-            self._quic.close()
+            try:
+                self._quic.close()
+            except Exception:  # aioquic cannot close a connection whose TLS setup failed (no descriptor left)
+                log.exception("closing the QUIC connections failed; stopping anyway")
             self._quic = None
         if self.metrics is not None:
             self.metrics.close()
@@ -2869,11 +2919,13 @@ class Server:
             if self.storage is not None:
                 self.storage.on_commit = None
         if self.storage is not None and self._owns_storage:
-            log.info("%s: %s committed in %s", self.storage.dialect.name, counted(self.storage.writes, "write"),
-                     counted(self.storage.commits, "transaction"))
+            if listened:
+                log.info("%s: %s committed in %s", self.storage.dialect.name,
+                         counted(self.storage.writes, "write"), counted(self.storage.commits, "transaction"))
             await asyncio.to_thread(self.storage.close)
             self.storage = None
-        log.info("runtara-core stopped")
+        if listened:
+            log.info("runtara-core stopped")
 
     async def run(self) -> None:
         """Serve until SIGINT or SIGTERM, then stop cleanly."""

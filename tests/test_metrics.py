@@ -3,6 +3,7 @@ SQLite and on PostgreSQL, and finds the counts the workload caused; the endpoint
 is down and says so."""
 
 import asyncio
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +40,12 @@ async def main():
 
 asyncio.run(main())
 '''
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def scrape(server: rc.ServerThread) -> dict:
@@ -108,7 +115,25 @@ def test_metrics_are_off_unless_asked_and_a_bad_address_is_one_clear_error(tmp_p
                      f" runtara_core.main(['serve', '--metrics', '0', '--database-url', 'sqlite:///{tmp_path}/x.db'])")
     done = subprocess.run([sys.executable, "-c", without_extra], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.returncode == 1 and done.stderr.splitlines() == [
-        "error: --metrics needs prometheus-client: pip install 'runtara-core[metrics]'"], done.stderr
+        "error: metrics (--metrics, RUNTARA_METRICS_ADDR) need prometheus-client: pip install"
+        " 'runtara-core[metrics]'"], done.stderr
+    assert rc.Settings(metrics_addr="[::1]:0").metrics_address == ("::1", 0)
+    with pytest.raises(ValueError):
+        rc.Settings(metrics_addr="\u0661\u0662\u0663").metrics_address  # Arabic-Indic digits are no port
+
+
+def test_nothing_is_left_listening_when_the_start_fails_after_the_metrics_began(tmp_path):
+    """A start that failed after /metrics was served (here: TLS files that do not exist) left its port
+    listening and the database open."""
+    port = free_tcp_port()
+    settings = settings_for(f"sqlite:///{tmp_path / 'x.db'}", metrics_addr=str(port))
+    settings.tls_cert, settings.tls_key = str(tmp_path / "none.pem"), str(tmp_path / "none.key")  # past validation
+    with pytest.raises(ValueError, match="cannot use the TLS certificate"):
+        rc.ServerThread(settings).start()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # free again
+    with rc.ServerThread(settings_for(f"sqlite:///{tmp_path / 'x.db'}", metrics_addr=str(port))):
+        pass  # and the database was closed: it opens again
 
 
 @pytest.mark.skipif(_postgres_cluster() is None, reason="needs TEST_DATABASE_URL and a local pg_ctlcluster")
@@ -133,3 +158,64 @@ def test_the_endpoint_stays_up_while_postgresql_is_down(postgres_url):
         if not _postgres_up():
             subprocess.run(cluster + ["start"])
         server.stop()
+
+
+def test_idle_scrapers_hold_few_connections_and_never_starve_the_server(tmp_path, monkeypatch):
+    """prometheus-client's server took a thread per connection and waited on each for ever: a thousand idle
+    connections to the metrics port used every file descriptor, and the QUIC server then refused everyone."""
+    monkeypatch.setattr(rc.Metrics, "SCRAPE_IDLE_S", 1.0)
+    with rc.ServerThread(settings_for(f"sqlite:///{tmp_path / 'x.db'}", metrics_addr="0")) as server:
+        descriptors = len(list(Path("/proc/self/fd").iterdir()))
+        idle = [socket.create_connection(server.server.metrics_address) for _ in range(200)]
+        try:
+            for connection in idle:
+                connection.send(b"GET /metrics HTTP/1.1\r\n")  # and never the rest
+            time.sleep(0.5)
+            held = len(list(Path("/proc/self/fd").iterdir())) - descriptors - len(idle)
+            assert held <= rc.Metrics.SCRAPERS + 2, held
+
+            async def serve_one():
+                async with rc.Client(addr(server), env={}) as operator:
+                    await operator.start("still-served", "t")
+            run(serve_one())
+            time.sleep(1.5)  # the idle ones were closed
+            assert scrape(server)[("runtara_requests_total", (("op", "start_instance"), ("outcome", "ok")))] == 1
+        finally:
+            for connection in idle:
+                connection.close()
+
+
+def test_frames_refused_before_any_operation_are_counted(tmp_path):
+    """A frame refused as too large, malformed or stalled got its error answer but was never counted."""
+    with rc.ServerThread(settings_for(f"sqlite:///{tmp_path / 'x.db'}", metrics_addr="0",
+                                      max_message_bytes=1000)) as server:
+        async def bad():
+            transport = rc.QuicTransport(*server.server.address)
+            protocol = await transport._connection()
+            for frame in (rc.FRAME_HEADER.pack(5000, rc.FRAME_REQUEST), rc.FRAME_HEADER.pack(1, 9) + b"\x80"):
+                frame_type, answer = await protocol.send_request(frame)
+                assert frame_type == rc.FRAME_ERROR
+            await transport.close()
+        run(bad())
+        seen = scrape(server)
+    assert seen[("runtara_requests_total", (("op", "unknown"), ("outcome", "FRAME_TOO_LARGE")))] == 1
+    assert seen[("runtara_requests_total", (("op", "unknown"), ("outcome", "INVALID_REQUEST")))] == 1
+
+
+def test_restarts_count_deaths_and_workflow_labels_are_bounded(tmp_path):
+    """A relaunch that failed was counted as another restart; and every workflow name a client sent became a
+    series of its own."""
+    settings = settings_for(f"sqlite:///{tmp_path / 'x.db'}", metrics_addr="0", workflow_commands={"known": "true"})
+    with rc.ServerThread(settings) as server:
+        metrics = server.server.metrics
+        died = {"status": "running", "sleep_until_ms": None}
+        metrics.claimed([{**died, "launch_attempts": 1}], rc.now_ms())
+        metrics.claimed([{**died, "launch_attempts": 2}], rc.now_ms())  # the same death, launched again
+        for workflow in ("known", "default", "wf-1", "wf-2"):
+            metrics.launch_ended(workflow, "failed")
+        seen = scrape(server)
+    assert seen[("runtara_restarts_total", ())] == 1
+    launches = {labels: value for (name, labels), value in seen.items() if name == "runtara_launches_total"}
+    assert launches == {(("outcome", "failed"), ("workflow", "known")): 1,
+                        (("outcome", "failed"), ("workflow", "default")): 1,
+                        (("outcome", "failed"), ("workflow", "other")): 2}
