@@ -195,17 +195,20 @@ class Settings:
         for workflow, command in ((None, self.launch_command), *self.workflow_commands.items()):
             if command is None:
                 continue
+            typed = f"{workflow}={command}" if workflow else command
             try:
                 words = shlex.split(command)
             except ValueError as exc:  # an unclosed quote
-                raise ValueError(f"{name('launch_command')} {command!r}: {str(exc).lower()}") from None
+                raise ValueError(f"{name('launch_command')} {typed!r}: {str(exc).lower()}") from None
             if not words:
-                raise ValueError(f"the launch command{f' for {workflow}' if workflow else ''} is empty")
+                raise ValueError(f"{name('launch_command')} {typed!r}: the command is empty")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError(f"{name('tls_cert')} and {name('tls_key')} must be set together")
         for field in ("tls_cert", "tls_key"):
             if getattr(self, field) and not os.path.isfile(getattr(self, field)):
                 raise ValueError(f"{name(field)}: no file {getattr(self, field)}")
+        if self.tls_cert:
+            _check_tls_pair(self.tls_cert, self.tls_key, name)
         if self.metrics_addr is not None:
             try:
                 self.metrics_address
@@ -228,6 +231,37 @@ class Settings:
     def launched_workflows(self) -> tuple[str, ...] | None:
         """The workflows the server launches: None for all of them (a default command), else their names."""
         return None if self.launch_command else tuple(self.workflow_commands)
+
+
+def _check_tls_pair(cert_path: str, key_path: str, name: Callable[[str], str]) -> None:
+    """Refuse, before anything is opened, a certificate or key that is not PEM, and a key that is not the
+    certificate's (TLS would accept both, and every handshake would then fail)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{name('tls_cert')} {cert_path}: not a PEM certificate ({_first_line(exc)})") from None
+    try:
+        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: the key has a password
+        raise ValueError(f"{name('tls_key')} {key_path}: not an unencrypted PEM private key"
+                         f" ({_first_line(exc)})") from None
+    public = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*public) != cert.public_key().public_bytes(*public):
+        raise ValueError(f"{name('tls_key')} {key_path} is not the key of {name('tls_cert')} {cert_path}")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+
+
+def _reason(exc: OSError) -> str:
+    """An OSError's reason without its "[Errno N]" (uvloop's own carries the system's as its cause)."""
+    if exc.strerror is None and isinstance(exc.__cause__, OSError):
+        exc = exc.__cause__
+    return exc.strerror or str(exc)
 
 
 def _host_port(host: str, port: int) -> str:
@@ -1210,13 +1244,21 @@ class Storage:
     def read(self, fn: Callable, *args, **kwargs) -> concurrent.futures.Future:
         raise NotImplementedError
 
+    CLOSE_WAIT_S = 30.0
+
     def close(self) -> None:
-        """Finish the writes queued, then close; idempotent, from any thread."""
+        """Finish the writes queued, then close; idempotent, from any thread. A database that stops answering
+        (a hung PostgreSQL) is waited for CLOSE_WAIT_S, then left to the process's exit: the writes in flight
+        were never confirmed to anyone."""
         with self._closing:
             if not self._writer.is_alive():
                 return
             self._writes.put(None)
-            self._writer.join()
+            self._writer.join(self.CLOSE_WAIT_S)
+            if self._writer.is_alive():
+                log.error("the %s database did not finish the writes in flight within %g s; closing without them"
+                          " (none of them was confirmed)", self.name, self.CLOSE_WAIT_S)
+                return
             self._close_connections()
 
     def _close_connections(self) -> None:
@@ -2637,6 +2679,11 @@ class ProcessLauncher:
         await self.core.launch_ended(claim, process.pid, code, f"exited with code {code}")
 
 
+def _shut(connection: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
+
+
 def _database_counts(tx: Tx, now: int) -> tuple[dict[str, int], int]:
     return tx.count_by_status(), tx.count_waiting(now)
 
@@ -2731,7 +2778,7 @@ class Metrics(Observer):
                                value=waiting)
 
     SCRAPERS = 8        # connections served at once; one more is closed at once
-    SCRAPE_IDLE_S = 5.0  # a connection that sends nothing for this long is closed
+    SCRAPE_IDLE_S = 5.0  # a connection is closed this long after it came, however slowly it sends
 
     def serve(self, address: tuple[str, int]) -> tuple[str, int]:
         """Serve /metrics on threads of its own; the address it listens on. prometheus-client's own server
@@ -2742,8 +2789,10 @@ class Metrics(Observer):
 
         slots = threading.BoundedSemaphore(self.SCRAPERS)
 
+        deadline = self.SCRAPE_IDLE_S
+
         class Handler(WSGIRequestHandler):
-            timeout = self.SCRAPE_IDLE_S
+            timeout = deadline
 
             def log_message(self, *args):  # a scrape is not news
                 pass
@@ -2759,14 +2808,21 @@ class Metrics(Observer):
                     self.shutdown_request(request)
 
             def process_request_thread(self, request, client_address):
+                # A per-read timeout alone lets a client that sends a byte now and then hold its slot for ever.
+                watchdog = threading.Timer(deadline, functools.partial(_shut, request))
+                watchdog.start()
                 try:
                     super().process_request_thread(request, client_address)
                 finally:
+                    watchdog.cancel()
                     slots.release()
+
+            def handle_error(self, request, client_address):  # a client that timed out or went away: no news
+                log.debug("metrics connection from %s ended", client_address, exc_info=True)
         try:
             self._http = HTTPServer(address, Handler)
         except OSError as exc:
-            raise OSError(f"cannot serve metrics on {_host_port(*address)}: {exc.strerror}") from None
+            raise OSError(f"cannot serve metrics on {_host_port(*address)}: {_reason(exc)}") from None
         self._http.set_app(self._prometheus.make_wsgi_app(self.registry))
         threading.Thread(target=self._http.serve_forever, name="runtara-metrics", daemon=True).start()
         return self._http.server_address[:2]
@@ -2854,7 +2910,7 @@ class Server:
             self._quic = await serve(settings.host, settings.port, configuration=configuration,
                                      create_protocol=functools.partial(_server_protocol(), server=self))
         except OSError as exc:
-            raise OSError(f"cannot listen on {_host_port(settings.host, settings.port)}: {exc.strerror}") from None
+            raise OSError(f"cannot listen on {_host_port(settings.host, settings.port)}: {_reason(exc)}") from None
         self._enlarge_receive_buffer()
         launchers = [ProcessLauncher(self.core, self.address)] if settings.launched_workflows != () else []
         if self.worker is not None:
@@ -3964,7 +4020,8 @@ def build_cli():
                 storage.check_schema()
                 yield Database(storage)
         except (RuntaraError, ValueError) as exc:
-            hint = f"run 'runtara migrate --database-url {_redact(url)}' (or start the server on it)" if url else ""
+            hint = (f"run 'runtara migrate --database-url {shlex.quote(_redact(url))}' (or start the server on it)"
+                    if url else "")
             raise fail(str(exc).replace(MIGRATE_HINT, hint) if hint else str(exc))
 
     def check_status(status: str | None) -> None:
@@ -3992,14 +4049,19 @@ def build_cli():
         does, so that it can be read, copied and found with grep."""
         table.add_column(heading, no_wrap=True, width=max([len(heading), *(len(visible(v)) for v in values)]))
 
-    def print_table(table: Table) -> None:
-        """Print a table with nothing cut. Piped, it has its full width; on a terminal, wider columns than ids
-        wrap, and a table that still does not fit is printed at full width too, for the terminal to wrap."""
-        width, needed = out.width, Measurement.get(out, out.options.update_width(1 << 16), table)
-        if not out.is_terminal or needed.minimum > width:
-            out.width = max(width, needed.maximum)
+    def fits(renderable) -> bool:
+        """Whether the renderable fits the terminal with no id cut (other columns may wrap)."""
+        return Measurement.get(out, out.options.update_width(1 << 16), renderable).minimum <= out.width
+
+    def print_whole(renderable) -> None:
+        """Print tables (or a panel of them) with nothing cut. Piped, they have their full width; on a terminal,
+        columns other than ids wrap, and what still does not fit is printed at full width too, for the
+        terminal to wrap."""
+        width = out.width
+        if not out.is_terminal or not fits(renderable):
+            out.width = max(width, Measurement.get(out, out.options.update_width(1 << 16), renderable).maximum)
         try:
-            out.print(table, crop=False, soft_wrap=False)
+            out.print(renderable, crop=False, soft_wrap=False)
         finally:
             out.width = width
 
@@ -4138,7 +4200,7 @@ def build_cli():
                     table.add_row(f"{version:03d}", name, _format_ms(at) + (" (now)" if version in applied else ""))
         except RuntaraError as exc:
             raise fail(str(exc))
-        print_table(table)
+        print_whole(table)
 
     @app.command()
     def instances(
@@ -4157,7 +4219,7 @@ def build_cli():
             total = db.read(Tx.count_instances, tenant_id=tenant, status=status, since=created_since)
         if json:
             return emit_json({"instances": rows, "total_count": total})
-        print_table(instances_table(rows, title=f"{len(rows)} of {counted(total, 'instance')}"))
+        print_whole(instances_table(rows, title=f"{len(rows)} of {counted(total, 'instance')}"))
 
     @app.command()
     def show(instance_id: str, database_url: str = DatabaseUrl, json: bool = Json):
@@ -4168,6 +4230,8 @@ def build_cli():
             return emit_json(found)
         i, signal = found["instance"], found["signal"]
         facts = Table.grid(padding=(0, 2))
+        facts.add_column(no_wrap=True)
+        facts.add_column(overflow="fold")  # ids among the values: folded at worst, never cut
         facts.add_row("status", status_text(i["status"]))
         facts.add_row("tenant", shown(i["tenant_id"]))
         facts.add_row("workflow", shown(i["workflow"]))
@@ -4183,7 +4247,7 @@ def build_cli():
             facts.add_row("output", Pretty(decode_state(i["output"])[1]))
         if i["error"] is not None:
             facts.add_row("error", Text(visible(i["error"]), style="red"))
-        out.print(Panel(Group(
+        print_whole(Panel(Group(
             facts,
             checkpoints_table(found["checkpoints"], title=f"newest checkpoints ({found['checkpoint_count']} in all)"),
             events_table(found["events"], title=f"newest events ({found['event_count']} in all)")),
@@ -4196,7 +4260,7 @@ def build_cli():
             listed = db.read(_list_checkpoints, instance_id, limit, 0)
         if json:
             return emit_json(listed)
-        print_table(checkpoints_table(listed["checkpoints"],
+        print_whole(checkpoints_table(listed["checkpoints"],
                                     title=f"{len(listed['checkpoints'])} of"
                                           f" {counted(listed['total_count'], 'checkpoint')}"))
 
@@ -4222,13 +4286,13 @@ def build_cli():
                type: str = typer.Option(None, "--type", help="Only this event type"),
                subtype: str = typer.Option(None, help="Only this subtype"), limit: int = Limit, json: bool = Json):
         """List an instance's events, newest first."""
-        if type is not None and type not in STORED_EVENT_TYPES:
-            raise fail(f"unknown event type {type!r}: use one of {', '.join(STORED_EVENT_TYPES)}")
+        if type is not None and type not in KNOWN_EVENT_TYPES:
+            raise fail(f"unknown event type {type!r}: use one of {', '.join(KNOWN_EVENT_TYPES)}")
         with database(database_url) as db:
             listed = db.read(_list_events, instance_id, type, subtype, limit, 0)
         if json:
             return emit_json(listed)
-        print_table(events_table(listed["events"],
+        print_whole(events_table(listed["events"],
                                title=f"{len(listed['events'])} of {counted(listed['total_count'], 'event')}"))
 
     @app.command()
@@ -4249,9 +4313,12 @@ def build_cli():
             check_id(instance_id, "INSTANCE_ID")
             if checkpoint_id is not None:
                 check_id(checkpoint_id, "CHECKPOINT_ID")
-            return check_signal_payload((payload or "").encode(), "--payload")
         except InvalidRequest as exc:
             raise fail(str(exc))
+        data = (payload or "").encode()
+        if len(data) > MAX_SIGNAL_PAYLOAD:
+            raise fail(f"--payload holds {len(data)} bytes; a signal's payload is at most {MAX_SIGNAL_PAYLOAD}")
+        return data
 
     WAIT_EXIT = {"completed": 0, "failed": 3, "cancelled": 4}  # and 5: not finished at the timeout
 
@@ -4361,7 +4428,7 @@ def build_cli():
         oldest = numbers["oldest_running"]
         table.add_row("oldest running", "-" if oldest is None else
                       shown(f"{oldest['instance_id']} (since {_format_ms(oldest['started_at_ms'])})"))
-        print_table(table)
+        print_whole(table)
 
     @app.command()
     def gc(older_than: str = typer.Option(..., help="Finished longer ago than this, like 30d"),
@@ -4417,7 +4484,7 @@ def build_cli():
             table.add_row(shown(d["instance_id"]), shown(d["tenant_id"]), shown(d["workflow"]),
                           shown(d["checkpoint_id"] or "-"), why(d), launch,
                           str(d["launch_attempts"]))
-        print_table(table)
+        print_whole(table)
 
     @app.command()
     def token(instance_id: str = typer.Argument(None, help="The instance the token is for"),
@@ -4457,11 +4524,12 @@ def build_cli():
 
         with database(database_url) as db:
             # On a terminal the table is redrawn in place; piped, each snapshot is printed as it is taken.
-            live = Live(snapshot(db), console=out, auto_refresh=False) if out.is_terminal else None
-            show = (lambda: live.update(snapshot(db), refresh=True)) if live else (lambda: print_table(snapshot(db)))
+            first = snapshot(db)  # a table wider than the terminal is printed whole, each time, instead
+            live = Live(first, console=out, auto_refresh=False) if out.is_terminal and fits(first) else None
+            show = (lambda: live.update(snapshot(db), refresh=True)) if live else (lambda: print_whole(snapshot(db)))
             with live or contextlib.nullcontext(), contextlib.suppress(KeyboardInterrupt):
                 if live is None:
-                    show()
+                    print_whole(first)
                 shown = 1
                 while iterations == 0 or shown < iterations:
                     time.sleep(interval)

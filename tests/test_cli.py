@@ -360,6 +360,49 @@ def test_ids_are_never_cut_in_narrow_or_piped_output(database_url, columns, tmp_
                 command[0] == "instances", done.stdout
 
 
+def on_terminal(*args, columns=80) -> str:
+    """The real console script on a pseudo-terminal `columns` wide: what the screen would get, colours removed."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen([sys.executable, str(ROOT / "runtara_core.py"), *args], stdin=follower,
+                               stdout=follower, stderr=follower, env={**os.environ, "COLUMNS": str(columns),
+                                                                       "LINES": "50", "TERM": "xterm"})
+    os.close(follower)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the other end closed
+            break
+        if not chunk:
+            break
+        screen += chunk
+    process.wait(timeout=60)
+    os.close(leader)
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode())
+
+
+def test_ids_are_never_cut_on_a_terminal_in_watch_and_show(database_url):
+    """On an 80-column terminal `watch` (a live display) cut ids to `…` and squeezed the other columns to
+    nothing; `show` folded its nested tables' columns to `ti…` once ids had their full width."""
+    now = rc.now_ms()
+    with rc.open_storage(database_url) as storage:
+        storage.write(rc.Tx.create_instance, LONG["instance_id"], LONG["tenant_id"], now).result()
+        storage.write(rc._register, LONG["instance_id"], LONG["tenant_id"], None, None, now, 10).result()
+        storage.write(rc._checkpoint, LONG["instance_id"], LONG["checkpoint_id"], b"s", None, now, 1 << 20).result()
+        storage.write(rc.Tx.insert_event, LONG["instance_id"], "custom", now, "progress", LONG["checkpoint_id"],
+                      None).result()
+    for command in (["watch", "--iterations", "1"], ["show", LONG["instance_id"]], ["instances"]):
+        screen = on_terminal(*command, "--database-url", database_url)
+        for key in ("instance_id", "tenant_id", "checkpoint_id"):
+            assert any(LONG[key] in line for line in screen.splitlines()), (command, key, screen)
+        assert "…" not in screen, (command, screen)
+        for heading in (("heartbeat",) if command[0] != "show" else ("saved", "subtype", "payload")):
+            assert heading in screen, (command, heading, screen)
+
+
 def test_messages_are_one_line_when_piped(filled):
     """At 80 columns, `gc --dry-run` and long notices wrapped onto a second line; fork said "1 checkpoints"."""
     done = console("gc", "--older-than", "3650d", "--dry-run", database_url=filled)
@@ -413,7 +456,7 @@ def test_every_mistake_is_one_line_with_exit_code_1_naming_what_was_typed(args, 
     (["watch", "--status", "bogus"], "unknown status 'bogus'"),
     (["gc", "--older-than", "99999999999999999999d", "--dry-run"], "longer than 100 years"),
     (["instances", "--since", "99999999999999999999d"], "longer than 100 years"),
-    (["signal", "x", "pause", "--payload", "p" * 70_000], "'--payload' must be binary of at most 65536 bytes"),
+    (["signal", "x", "pause", "--payload", "p" * 70_000], "--payload holds 70000 bytes; a signal's payload is at most 65536"),
     (["custom-signal", "x", ""], "'CHECKPOINT_ID'"), (["custom-signal", "x", "a\nb"], "'CHECKPOINT_ID'"),
     (["custom-signal", "x", "c" * 600], "'CHECKPOINT_ID'"), (["signal", "x\ty", "cancel"], "'INSTANCE_ID'"),
 ])
@@ -428,6 +471,23 @@ def test_mistakes_in_values_are_one_line_naming_the_option(args, says, tmp_path)
     assert "RUNTARA_" not in lines[0] and "Errno" not in lines[0]
     with rc.open_storage(url, migrate=False) as storage:
         assert storage.read(rc.Tx.count_instances).result() == 0  # nothing was written
+
+
+def test_tls_files_that_cannot_serve_are_refused_before_anything_is_opened(tmp_path):
+    """A key that was not the certificate's was accepted (every handshake then failed), a non-PEM file was
+    named by neither option, and the database was created before the refusal."""
+    pairs = [rc.ensure_certificate(rc.Settings(database_url=f"sqlite:///{tmp_path / name / 'x.db'}"))
+             for name in ("one", "two")]
+    (tmp_path / "bad.pem").write_text("not a certificate")
+    url = f"sqlite:///{tmp_path / 'never.db'}"
+    for cert, key, says in ((pairs[0][0], pairs[1][1], f"--tls-key {pairs[1][1]} is not the key of --tls-cert"),
+                            (str(tmp_path / "bad.pem"), pairs[0][1], "--tls-cert"),
+                            (pairs[0][0], str(tmp_path / "bad.pem"), "--tls-key")):
+        done = script("serve", "--tls-cert", cert, "--tls-key", key, "--database-url", url)
+        assert done.returncode == 1 and done.stderr.startswith(f"error: {says}"), done.stderr
+        assert len(done.stderr.splitlines()) == 1 and not (tmp_path / "never.db").exists()
+    done = script("serve", "--database-url", url, env={"RUNTARA_TLS_CERT": pairs[0][0], "RUNTARA_TLS_KEY": pairs[1][1]})
+    assert done.stderr.startswith("error: RUNTARA_TLS_KEY"), done.stderr
 
 
 def test_a_variable_is_named_when_the_mistake_is_in_the_variable(tmp_path):

@@ -1,12 +1,15 @@
 """Crash safety: kill things and count. Whatever the server acknowledged survives."""
 
 import asyncio
+import contextlib
 import os
 import random
 import resource
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -253,3 +256,62 @@ def test_sqlite_disk_full_then_space_returns(tmp_path):
         for checkpoint_id, state in acknowledged.items():
             assert storage.read(Tx.get_checkpoint, "filler", checkpoint_id).result() == state
         assert impossible_states(storage) == []
+
+
+class FreezingProxy:
+    """A TCP proxy to PostgreSQL that can stop forwarding: a database that hangs (SIGSTOPped, a dead network
+    path) without closing anything."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target, self.frozen = target, threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    def _pipe(self, source, sink):
+        try:
+            while data := source.recv(65536):
+                while self.frozen.is_set():  # hold the bytes: nobody answers, nobody closes
+                    time.sleep(0.05)
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def close(self):
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def test_close_is_bounded_when_postgresql_hangs(postgres_url, monkeypatch):
+    """With PostgreSQL hung, SIGTERM logged "shutting down" and the server never exited: closing the storage
+    waited for ever for the write in flight."""
+    from urllib.parse import urlsplit
+
+    monkeypatch.setattr(rc.Storage, "CLOSE_WAIT_S", 1.0)
+    parts = urlsplit(postgres_url)
+    proxy = FreezingProxy((parts.hostname, parts.port or 5432))
+    url = parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}").geturl()
+    storage = rc.open_storage(url)
+    try:
+        storage.write(rc.Tx.create_instance, "before", "t", rc.now_ms()).result(timeout=10)
+        proxy.frozen.set()
+        hung = storage.write(rc.Tx.create_instance, "during", "t", rc.now_ms())
+        started = time.monotonic()
+        storage.close()
+        assert time.monotonic() - started < 5 and not hung.done()  # never confirmed, and not waited for
+    finally:
+        proxy.close()

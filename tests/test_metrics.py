@@ -219,3 +219,25 @@ def test_restarts_count_deaths_and_workflow_labels_are_bounded(tmp_path):
     assert launches == {(("outcome", "failed"), ("workflow", "known")): 1,
                         (("outcome", "failed"), ("workflow", "default")): 1,
                         (("outcome", "failed"), ("workflow", "other")): 2}
+
+
+def test_a_slow_scraper_is_closed_at_its_deadline_quietly(tmp_path, monkeypatch, capfd):
+    """The 5 s limit was per read: eight clients sending a byte every few seconds kept every scrape out for as
+    long as they liked; and each connection that timed out wrote a traceback to stderr, whatever the log level."""
+    monkeypatch.setattr(rc.Metrics, "SCRAPE_IDLE_S", 1.0)
+    with rc.ServerThread(settings_for(f"sqlite:///{tmp_path / 'x.db'}", metrics_addr="0")) as server:
+        slow = [socket.create_connection(server.server.metrics_address) for _ in range(rc.Metrics.SCRAPERS)]
+        started = time.monotonic()
+        try:
+            for connection in slow:
+                connection.send(b"GET /metrics HTTP/1.1\r\nX-a: ")
+            while time.monotonic() - started < 2.5:  # a byte each 0.3 s: never idle for a whole second
+                for connection in slow:
+                    with __import__("contextlib").suppress(OSError):
+                        connection.send(b"a")
+                time.sleep(0.3)
+            assert scrape(server)[("runtara_database_up", ())] == 1  # their slots were freed at their deadline
+        finally:
+            for connection in slow:
+                connection.close()
+    assert "Traceback" not in capfd.readouterr().err

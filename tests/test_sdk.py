@@ -291,7 +291,7 @@ def test_serve_reports_bad_settings_and_a_taken_port(tmp_path):
         taken.bind(("127.0.0.1", port))
         process = _serve(tmp_path, "--port", str(port))
         output = process.communicate(timeout=30)[0]
-        assert process.returncode == 1 and f"cannot listen on 127.0.0.1:{port}" in output
+        assert process.returncode == 1 and f"cannot listen on 127.0.0.1:{port}: Address already in use" in output
     process = _serve(tmp_path, env={"RUNTARA_QUIC_PORT": "eighty"})
     output = process.communicate(timeout=30)[0]
     assert process.returncode != 0 and "eighty" in output
