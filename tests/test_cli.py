@@ -333,10 +333,8 @@ LONG = {"instance_id": "order-2026-12-02-very-long-instance-identifier-0001",
         "tenant_id": "tenant-with-a-rather-long-name-xyz", "checkpoint_id": "checkpoint-with-a-long-name-42"}
 
 
-@pytest.mark.parametrize("columns", ["80", "40"])
-def test_ids_are_never_cut_in_narrow_or_piped_output(database_url, columns, tmp_path):
-    """`runtara instances | cat` and 80-column terminals showed `…` for ids, or split them over two lines, so
-    that grep found nothing; the columns right of them were cropped away."""
+def long_ids(database_url: str) -> None:
+    """A running instance with long ids, a checkpoint and an event naming it."""
     now = rc.now_ms()
     with rc.open_storage(database_url) as storage:
         storage.write(rc.Tx.create_instance, LONG["instance_id"], LONG["tenant_id"], now).result()
@@ -344,6 +342,13 @@ def test_ids_are_never_cut_in_narrow_or_piped_output(database_url, columns, tmp_
         storage.write(rc._checkpoint, LONG["instance_id"], LONG["checkpoint_id"], b"s", None, now, 1 << 20).result()
         storage.write(rc.Tx.insert_event, LONG["instance_id"], "custom", now, "progress", LONG["checkpoint_id"],
                       None).result()
+
+
+@pytest.mark.parametrize("columns", ["80", "40"])
+def test_ids_are_never_cut_in_narrow_or_piped_output(database_url, columns, tmp_path):
+    """`runtara instances | cat` and 80-column terminals showed `…` for ids, or split them over two lines, so
+    that grep found nothing; the columns right of them were cropped away."""
+    long_ids(database_url)
     env = {**__import__("os").environ, "COLUMNS": columns}
     for command in (["instances"], ["watch", "--iterations", "1"], ["wakes"],
                     ["checkpoints", LONG["instance_id"]], ["events", LONG["instance_id"]]):
@@ -387,13 +392,7 @@ def on_terminal(*args, columns=80) -> str:
 def test_ids_are_never_cut_on_a_terminal_in_watch_and_show(database_url):
     """On an 80-column terminal `watch` (a live display) cut ids to `…` and squeezed the other columns to
     nothing; `show` folded its nested tables' columns to `ti…` once ids had their full width."""
-    now = rc.now_ms()
-    with rc.open_storage(database_url) as storage:
-        storage.write(rc.Tx.create_instance, LONG["instance_id"], LONG["tenant_id"], now).result()
-        storage.write(rc._register, LONG["instance_id"], LONG["tenant_id"], None, None, now, 10).result()
-        storage.write(rc._checkpoint, LONG["instance_id"], LONG["checkpoint_id"], b"s", None, now, 1 << 20).result()
-        storage.write(rc.Tx.insert_event, LONG["instance_id"], "custom", now, "progress", LONG["checkpoint_id"],
-                      None).result()
+    long_ids(database_url)
     for command in (["watch", "--iterations", "1"], ["show", LONG["instance_id"]], ["instances"]):
         screen = on_terminal(*command, "--database-url", database_url)
         for key in ("instance_id", "tenant_id", "checkpoint_id"):
