@@ -183,7 +183,8 @@ class Settings:
             if field.type == "int" and getattr(self, field.name) < 0:
                 raise ValueError(f"{name(field.name)} must not be negative, not {getattr(self, field.name)}")
         if self.max_concurrent_instances < 1:
-            raise ValueError(f"{name('max_concurrent_instances')} must be at least 1, not {self.max_concurrent_instances}")
+            raise ValueError(f"{name('max_concurrent_instances')} must be at least 1,"
+                             f" not {self.max_concurrent_instances}")
         if not 1 <= self.max_message_bytes <= MAX_PAYLOAD_BYTES:
             raise ValueError(f"{name('max_message_bytes')} must be between 1 and {MAX_PAYLOAD_BYTES}")
         if self.sqlite_synchronous not in ("FULL", "NORMAL"):
@@ -213,7 +214,8 @@ class Settings:
             try:
                 self.metrics_address
             except ValueError:
-                raise ValueError(f"{name('metrics_addr')} must be PORT or HOST:PORT, not {self.metrics_addr!r}") from None
+                raise ValueError(f"{name('metrics_addr')} must be PORT or HOST:PORT,"
+                                 f" not {self.metrics_addr!r}") from None
 
     @property
     def metrics_address(self) -> tuple[str, int]:
@@ -612,7 +614,8 @@ OPERATIONS: dict[str, dict[str, tuple[Callable, bool]]] = {
     "send_custom_signal": {**_instance, "checkpoint_id": (check_id, REQUIRED), "payload": (check_bin, OPTIONAL)},
     "list_instances": {"tenant_id": (check_id, OPTIONAL), "status": (one_of(STATUSES), OPTIONAL), **_paging},
     "list_checkpoints": {**_instance, **_paging},
-    "list_events": {**_instance, "event_type": (one_of(KNOWN_EVENT_TYPES), OPTIONAL), "subtype": (check_text, OPTIONAL), **_paging},
+    "list_events": {**_instance, "event_type": (one_of(KNOWN_EVENT_TYPES), OPTIONAL),
+                    "subtype": (check_text, OPTIONAL), **_paging},
 }
 OPERATOR_OPERATIONS = frozenset(("health_check", "start_instance", "wait_instance", "fork_instance", "send_signal",
                                  "send_custom_signal", "list_instances", "list_checkpoints", "list_events"))
