@@ -4052,9 +4052,33 @@ def build_cli():
         does, so that it can be read, copied and found with grep."""
         table.add_column(heading, no_wrap=True, width=max([len(heading), *(len(visible(v)) for v in values)]))
 
+    def narrowest(renderable) -> int:
+        """How narrow tables (or a panel or group of them) can be with no id cut: id columns whole, every
+        other column at least one character, its text wrapping; and a panel's title whole."""
+        if isinstance(renderable, Table):
+            columns = renderable.columns
+            return sum((column.width or 1) + 2 for column in columns) + len(columns) + 1  # padding, borders
+        if isinstance(renderable, Panel):
+            return max(narrowest(renderable.renderable), Text(str(renderable.title or "")).cell_len + 4)
+        if isinstance(renderable, Group):
+            return max(narrowest(part) for part in renderable.renderables)
+        return 1
+
+    def natural(renderable) -> int:
+        """The width it takes when nothing need wrap."""
+        return Measurement.get(out, out.options.update_width(1 << 16), renderable).maximum
+
     def fits(renderable) -> bool:
-        """Whether the renderable fits the terminal with no id cut (other columns may wrap)."""
-        return Measurement.get(out, out.options.update_width(1 << 16), renderable).minimum <= out.width
+        return narrowest(renderable) <= out.width
+
+    def folding(renderable):
+        """The renderable, its tables' text folded onto more lines where a column is narrow, never cut to `…`."""
+        for part in (renderable.renderable,) if isinstance(renderable, Panel) else getattr(renderable, "renderables",
+                                                                                           ()):
+            folding(part)
+        for column in getattr(renderable, "columns", ()):
+            column.overflow = "fold"
+        return renderable
 
     def print_whole(renderable) -> None:
         """Print tables (or a panel of them) with nothing cut. Piped, they have their full width; on a terminal,
@@ -4062,9 +4086,9 @@ def build_cli():
         terminal to wrap."""
         width = out.width
         if not out.is_terminal or not fits(renderable):
-            out.width = max(width, Measurement.get(out, out.options.update_width(1 << 16), renderable).maximum)
+            out.width = max(width, natural(renderable))
         try:
-            out.print(renderable, crop=False, soft_wrap=False)
+            out.print(folding(renderable), crop=False, soft_wrap=False)
         finally:
             out.width = width
 
@@ -4083,6 +4107,11 @@ def build_cli():
                           *(_format_ms(i[key], short=True) for key in ("created_at_ms", "started_at_ms",
                                                                        "finished_at_ms")),
                           _format_age(i["heartbeat_at_ms"], now))
+        # On a narrow terminal the times of least use go first, rather than every column folding.
+        for heading in ("finished", "started", "created"):
+            if not out.is_terminal or natural(table) <= out.width:
+                break
+            table.columns.remove(next(column for column in table.columns if column.header == heading))
         return table
 
     def checkpoints_table(checkpoints: list[dict], title: str | None = None) -> Table:
@@ -4114,7 +4143,7 @@ def build_cli():
         id_column(table, "checkpoint", (e.get("checkpoint_id") or "" for e in events))
         table.add_column("payload")
         for e in events:
-            table.add_row(str(e["id"]), _format_ms(e["created_at_ms"]), shown(e["event_type"]),
+            table.add_row(str(e["id"]), _format_ms(e["created_at_ms"], short=True), shown(e["event_type"]),
                           shown(e.get("subtype") or ""), shown(e.get("checkpoint_id") or ""),
                           shown(payload_preview(e.get("payload"))))
         return table
@@ -4527,9 +4556,18 @@ def build_cli():
 
         with database(database_url) as db:
             # On a terminal the table is redrawn in place; piped, each snapshot is printed as it is taken.
-            first = snapshot(db)  # a table wider than the terminal is printed whole, each time, instead
-            live = Live(first, console=out, auto_refresh=False) if out.is_terminal and fits(first) else None
-            show = (lambda: live.update(snapshot(db), refresh=True)) if live else (lambda: print_whole(snapshot(db)))
+            first = snapshot(db)
+            live = Live(folding(first), console=out, auto_refresh=False) if out.is_terminal and fits(first) else None
+
+            def show():
+                nonlocal live
+                table = snapshot(db)
+                if live is not None and fits(table):
+                    return live.update(folding(table), refresh=True)
+                if live is not None:  # an id too long for the terminal came: from now on, snapshots printed whole
+                    live.stop()
+                    live = None
+                print_whole(table)
             with live or contextlib.nullcontext(), contextlib.suppress(KeyboardInterrupt):
                 if live is None:
                     print_whole(first)

@@ -365,8 +365,9 @@ def test_ids_are_never_cut_in_narrow_or_piped_output(database_url, columns, tmp_
                 command[0] == "instances", done.stdout
 
 
-def on_terminal(*args, columns=80) -> str:
-    """The real console script on a pseudo-terminal `columns` wide: what the screen would get, colours removed."""
+def on_terminal(*args, columns=80, raw=False) -> str:
+    """The real console script on a pseudo-terminal `columns` wide: what the screen would get, colours (and
+    cursor moves, unless `raw`) removed."""
     import os
     import pty
 
@@ -386,7 +387,7 @@ def on_terminal(*args, columns=80) -> str:
         screen += chunk
     process.wait(timeout=60)
     os.close(leader)
-    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode())
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]" if not raw else r"\x1b\[[0-9;]*m", "", screen.decode())
 
 
 def test_ids_are_never_cut_on_a_terminal_in_watch_and_show(database_url):
@@ -398,8 +399,32 @@ def test_ids_are_never_cut_on_a_terminal_in_watch_and_show(database_url):
         for key in ("instance_id", "tenant_id", "checkpoint_id"):
             assert any(LONG[key] in line for line in screen.splitlines()), (command, key, screen)
         assert "…" not in screen, (command, screen)
-        for heading in (("heartbeat",) if command[0] != "show" else ("saved", "subtype", "payload")):
+        for heading in (("heartbeat",) if command[0] != "show" else ("saved", "size", "type")):
             assert heading in screen, (command, heading, screen)
+
+
+def test_short_ids_keep_a_terminal_table_within_its_width_and_watch_live(database_url):
+    """After ids were made never to give way, an ordinary 80-column terminal got every table at full width
+    (96 columns, wrapped by the terminal) and `watch` scrolled instead of redrawing; and an id too long for
+    the terminal that came while `watch` ran was cut, its neighbours squeezed to nothing."""
+    import threading
+
+    now = rc.now_ms()
+    with rc.open_storage(database_url) as storage:
+        for name in ("o1", "o2"):
+            storage.write(rc.Tx.create_instance, name, "shop", now).result()
+    screen = on_terminal("instances", "--database-url", database_url)
+    assert "o1" in screen and max(len(line.rstrip("\r")) for line in screen.splitlines()) <= 80, screen
+    late = threading.Timer(1.0, long_ids, (database_url,))
+    late.start()
+    try:
+        screen = on_terminal("watch", "--iterations", "5", "--interval", "0.5", "--database-url", database_url,
+                             raw=True)
+    finally:
+        late.join()
+    assert "\x1b[" in screen.split(LONG["instance_id"])[0]  # redrawn in place while it fitted
+    assert any(LONG["instance_id"] in line for line in screen.splitlines()), screen
+    assert "…" not in screen, screen
 
 
 def test_messages_are_one_line_when_piped(filled):
