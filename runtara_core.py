@@ -3003,7 +3003,7 @@ class Server:
 def uvloop_for(settings: Settings):
     """The uvloop module when the settings choose it, or choose "auto" and it is installed; else None.
 
-    uvloop takes a fifth to a quarter off the server's CPU per request (tests/bench.py); it is optional."""
+    uvloop takes a tenth to a third off the server's CPU per request under load (tests/bench.py); it is optional."""
     if settings.event_loop == "asyncio":
         return None
     try:
