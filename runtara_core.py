@@ -1126,6 +1126,45 @@ def _apply_migration(tx: Tx, version: int, name: str, sql: str) -> bool:
     return True
 
 
+class ReadThreads:
+    """Threads that run reads. Daemons, unlike concurrent.futures' threads (which the interpreter joins at
+    exit), so that a read stuck on a database that never answers cannot keep the process from exiting."""
+
+    def __init__(self, size: int, name: str):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._run, name=f"{name}-{n}", daemon=True) for n in range(size)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
+        future = concurrent.futures.Future()
+        if self._closed:
+            future.set_exception(StorageError("the database is closed"))
+        else:
+            self._calls.put((future, fn, args))
+        return future
+
+    def _run(self):
+        while (call := self._calls.get()) is not None:
+            future, fn, args = call
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+    def shutdown(self, timeout: float) -> bool:
+        """Let the reads queued finish, for at most `timeout` seconds; whether they all did."""
+        self._closed = True
+        for _ in self._threads:
+            self._calls.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
+
 class Storage:
     """The database behind the engine: `write(fn, ...)` and `read(fn, ...)` run `fn(tx, ...)` in a
     transaction on a database thread and return a concurrent.futures.Future of its result;
@@ -1245,6 +1284,10 @@ class Storage:
         return outcomes
 
     def read(self, fn: Callable, *args, **kwargs) -> concurrent.futures.Future:
+        """Run fn(tx, *args) in a read transaction on a reader thread."""
+        return self._read_threads.submit(self._read, fn, args, kwargs)
+
+    def _read(self, fn: Callable, args: tuple, kwargs: dict):
         raise NotImplementedError
 
     CLOSE_WAIT_S = 30.0
@@ -1261,6 +1304,10 @@ class Storage:
             if self._writer.is_alive():
                 log.error("the %s database did not finish the writes in flight within %g s; closing without them"
                           " (none of them was confirmed)", self.name, self.CLOSE_WAIT_S)
+                return
+            if not self._read_threads.shutdown(self.CLOSE_WAIT_S):
+                log.error("the %s database did not answer the reads in flight within %g s; closing without them",
+                          self.name, self.CLOSE_WAIT_S)
                 return
             self._close_connections()
 
@@ -1371,7 +1418,7 @@ class SQLiteStorage(Storage):
                            Tx(SQLITE, functools.partial(_sqlite_rows, self._writer_conn.cursor())))
         self._readers = []
         self._reader_local = threading.local()
-        self._reader_pool = concurrent.futures.ThreadPoolExecutor(readers, thread_name_prefix="runtara-read")
+        self._read_threads = ReadThreads(readers, "runtara-read")
         self._start_writer()
 
     def _connect(self, create: bool):
@@ -1395,9 +1442,6 @@ class SQLiteStorage(Storage):
 
     # Reads: each reader thread has its own connection; WAL readers never block the writer.
 
-    def read(self, fn, *args, **kwargs):
-        return self._reader_pool.submit(self._read, fn, args, kwargs)
-
     def _read(self, fn, args, kwargs):
         conn = getattr(self._reader_local, "conn", None)
         if conn is None:
@@ -1413,7 +1457,6 @@ class SQLiteStorage(Storage):
             raise StorageError(f"SQLite read failed: {exc}") from None
 
     def _close_connections(self):
-        self._reader_pool.shutdown(wait=True)
         for conn in self._readers:
             conn.close()
         try:
@@ -1462,7 +1505,7 @@ class PostgresStorage(Storage):
             self._pool.close()
             self._writer_conn.close()
             raise StorageError(f"cannot reach PostgreSQL at {_redact(url)}: {exc}") from None
-        self._threads = concurrent.futures.ThreadPoolExecutor(pool_size, thread_name_prefix="runtara-pg")
+        self._read_threads = ReadThreads(pool_size, "runtara-pg")
         self._start_writer()
 
     def _writer_connection(self):
@@ -1480,9 +1523,6 @@ class PostgresStorage(Storage):
             return StorageError(f"PostgreSQL is unavailable: {exc}")
         return super()._failure(exc)
 
-    def read(self, fn, *args, **kwargs):
-        return self._threads.submit(self._read, fn, args, kwargs)
-
     def _read(self, fn, args, kwargs):
         for attempt in (1, 2):
             conn = None
@@ -1495,7 +1535,6 @@ class PostgresStorage(Storage):
                     raise StorageError(f"PostgreSQL is unavailable: {exc}") from None
 
     def _close_connections(self):
-        self._threads.shutdown(wait=True)
         self._pool.close()
         if self._writer_conn is not None:
             self._writer_conn.close()

@@ -296,22 +296,44 @@ class FreezingProxy:
                 sock.close()
 
 
-def test_close_is_bounded_when_postgresql_hangs(postgres_url, monkeypatch):
+HANGING = """
+import sys, time
+sys.path.insert(0, {root!r})
+import runtara_core as rc
+rc.Storage.CLOSE_WAIT_S = 1.0
+storage = rc.open_storage({url!r})
+storage.write(rc.Tx.create_instance, "before", "t", rc.now_ms()).result(timeout=10)
+print("ready", flush=True)
+sys.stdin.readline()  # the database hangs now
+in_flight = [storage.read(rc.Tx.count_instances)]
+if {write!r}:
+    in_flight.append(storage.write(rc.Tx.create_instance, "during", "t", rc.now_ms()))
+time.sleep(0.5)
+started = time.monotonic()
+storage.close()
+print("closed in", round(time.monotonic() - started), "s; answered:", any(f.done() for f in in_flight), flush=True)
+"""
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_a_hung_postgresql_never_keeps_the_process_from_ending(postgres_url, write):
     """With PostgreSQL hung, SIGTERM logged "shutting down" and the server never exited: closing the storage
-    waited for ever for the write in flight."""
+    waited for ever for the write in flight, and the interpreter's exit for the read in flight."""
     from urllib.parse import urlsplit
 
-    monkeypatch.setattr(rc.Storage, "CLOSE_WAIT_S", 1.0)
     parts = urlsplit(postgres_url)
     proxy = FreezingProxy((parts.hostname, parts.port or 5432))
     url = parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}").geturl()
-    storage = rc.open_storage(url)
+    process = subprocess.Popen([sys.executable, "-c", HANGING.format(root=str(ROOT), url=url, write=write)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        storage.write(rc.Tx.create_instance, "before", "t", rc.now_ms()).result(timeout=10)
+        assert process.stdout.readline() == "ready\n", process.stderr.read()
         proxy.frozen.set()
-        hung = storage.write(rc.Tx.create_instance, "during", "t", rc.now_ms())
-        started = time.monotonic()
-        storage.close()
-        assert time.monotonic() - started < 5 and not hung.done()  # never confirmed, and not waited for
+        process.stdin.write("\n")
+        process.stdin.flush()
+        out, errors = process.communicate(timeout=30)  # the process ends, its daemons with it
+        assert out == "closed in 1 s; answered: False\n", out + errors
+        assert "did not" in errors and "within 1 s" in errors, errors
     finally:
+        process.kill()
         proxy.close()
