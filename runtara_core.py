@@ -1301,15 +1301,15 @@ class Storage:
                 return
             self._writes.put(None)
             self._writer.join(self.CLOSE_WAIT_S)
-            if self._writer.is_alive():
+            written = not self._writer.is_alive()
+            if not written:
                 log.error("the %s database did not finish the writes in flight within %g s; closing without them"
                           " (none of them was confirmed)", self.name, self.CLOSE_WAIT_S)
-                return
-            if not self._read_threads.shutdown(self.CLOSE_WAIT_S):
-                log.error("the %s database did not answer the reads in flight within %g s; closing without them",
-                          self.name, self.CLOSE_WAIT_S)
-                return
-            self._close_connections()
+            read = self._read_threads.shutdown(self.CLOSE_WAIT_S if written else 0)
+            if not read:
+                log.error("the %s database did not answer the reads in flight; closing without them", self.name)
+            if written and read:
+                self._close_connections()
 
     def _close_connections(self) -> None:
         raise NotImplementedError
@@ -3989,6 +3989,7 @@ def build_cli():
     from rich.console import Console, Group
     from rich.live import Live
     from rich.measure import Measurement
+    from rich.padding import Padding
     from rich.panel import Panel
     from rich.pretty import Pretty
     from rich.progress import Progress
@@ -4091,12 +4092,19 @@ def build_cli():
         does, so that it can be read, copied and found with grep."""
         table.add_column(heading, no_wrap=True, width=max([len(heading), *(len(visible(v)) for v in values)]))
 
+    def shown_id(value) -> Text:
+        """An id among other values: never wrapped (narrowest() counts it whole)."""
+        return Text(visible(str(value)), no_wrap=True)
+
     def narrowest(renderable) -> int:
-        """How narrow tables (or a panel or group of them) can be with no id cut: id columns whole, every
-        other column at least one character, its text wrapping; and a panel's title whole."""
+        """How narrow tables (or a panel or group of them) can be with no id cut: id columns and ids whole,
+        every other column at least one character, its text wrapping; and a panel's title whole."""
         if isinstance(renderable, Table):
-            columns = renderable.columns
-            return sum((column.width or 1) + 2 for column in columns) + len(columns) + 1  # padding, borders
+            top, right, bottom, left = Padding.unpack(renderable.padding)
+            widths = [column.width or max([1, *(Text(str(cell)).cell_len for cell in column.cells
+                                                 if column.no_wrap or isinstance(cell, Text) and cell.no_wrap)])
+                      for column in renderable.columns]
+            return sum(widths) + (left + right) * len(widths) + (len(widths) + 1 if renderable.box else 0)
         if isinstance(renderable, Panel):
             return max(narrowest(renderable.renderable), Text(str(renderable.title or "")).cell_len + 4)
         if isinstance(renderable, Group):
@@ -4177,7 +4185,10 @@ def build_cli():
         return text if len(text) <= 60 else text[:57] + "..."
 
     def events_table(events: list[dict], title: str | None = None) -> Table:
-        table = Table("id", "time", "type", title=title)
+        table = Table(title=title)
+        id_column(table, "id", (str(e["id"]) for e in events))
+        table.add_column("time")
+        table.add_column("type")
         table.add_column("subtype", overflow="fold")
         id_column(table, "checkpoint", (e.get("checkpoint_id") or "" for e in events))
         table.add_column("payload")
@@ -4304,14 +4315,14 @@ def build_cli():
         facts.add_column(no_wrap=True)
         facts.add_column(overflow="fold")  # ids among the values: folded at worst, never cut
         facts.add_row("status", status_text(i["status"]))
-        facts.add_row("tenant", shown(i["tenant_id"]))
-        facts.add_row("workflow", shown(i["workflow"]))
+        facts.add_row("tenant", shown_id(i["tenant_id"]))
+        facts.add_row("workflow", shown_id(i["workflow"]))
         facts.add_row("run", str(i["run"]))
         for label, key in (("created", "created_at_ms"), ("started", "started_at_ms"),
                            ("finished", "finished_at_ms"), ("heartbeat", "heartbeat_at_ms"),
                            ("wakes at", "sleep_until_ms")):
             facts.add_row(label, _format_ms(i[key]))
-        facts.add_row("latest checkpoint", shown(i["checkpoint_id"] or "-"))
+        facts.add_row("latest checkpoint", shown_id(i["checkpoint_id"] or "-"))
         facts.add_row("pending signal", "-" if signal is None else
                       f"{signal['signal_type']} (sent {_format_ms(signal['created_at_ms'])})")
         if i["output"] is not None:
@@ -4596,7 +4607,8 @@ def build_cli():
         with database(database_url) as db:
             # On a terminal the table is redrawn in place; piped, each snapshot is printed as it is taken.
             first = snapshot(db)
-            live = Live(folding(first), console=out, auto_refresh=False) if out.is_terminal and fits(first) else None
+            live = (Live(folding(first), console=out, auto_refresh=False, vertical_overflow="visible")  # no row hidden
+                    if out.is_terminal and fits(first) else None)
 
             def show():
                 nonlocal live

@@ -365,7 +365,7 @@ def test_ids_are_never_cut_in_narrow_or_piped_output(database_url, columns, tmp_
                 command[0] == "instances", done.stdout
 
 
-def on_terminal(*args, columns=80, raw=False) -> str:
+def on_terminal(*args, columns=80, lines=50, raw=False) -> str:
     """The real console script on a pseudo-terminal `columns` wide: what the screen would get, colours (and
     cursor moves, unless `raw`) removed."""
     import os
@@ -374,7 +374,7 @@ def on_terminal(*args, columns=80, raw=False) -> str:
     leader, follower = pty.openpty()
     process = subprocess.Popen([sys.executable, str(ROOT / "runtara_core.py"), *args], stdin=follower,
                                stdout=follower, stderr=follower, env={**os.environ, "COLUMNS": str(columns),
-                                                                       "LINES": "50", "TERM": "xterm"})
+                                                                       "LINES": str(lines), "TERM": "xterm"})
     os.close(follower)
     screen = b""
     while True:
@@ -425,6 +425,30 @@ def test_short_ids_keep_a_terminal_table_within_its_width_and_watch_live(databas
     assert "\x1b[" in screen.split(LONG["instance_id"])[0]  # redrawn in place while it fitted
     assert any(LONG["instance_id"] in line for line in screen.splitlines()), screen
     assert "…" not in screen, screen
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_show_keeps_ids_among_its_facts_whole_and_watch_hides_no_row(database_url, columns):
+    """`show` split a long tenant or workflow over two lines of its facts; `events` split an event's id;
+    and `watch` replaced the rows below the terminal's height with `...` on every redraw."""
+    now = rc.now_ms()
+    tenant, workflow = "tenant-" + "q" * 93, "wf-" + "v" * 90
+    with rc.open_storage(database_url) as storage:
+        storage.write(rc.Tx.create_instance, "o9", tenant, now, workflow).result()
+        for n in range(120):
+            storage.write(rc.Tx.insert_event, "o9", "custom", now, "sub-" + "s" * 70, "checkpoint-" + "c" * 80,
+                          None).result()
+        for n in range(30):
+            storage.write(rc.Tx.create_instance, f"row-{n:02d}", "shop", now).result()
+    screen = on_terminal("show", "o9", "--database-url", database_url, columns=columns)
+    for value in (tenant, workflow):
+        assert any(value in line for line in screen.splitlines()), screen
+    screen = on_terminal("events", "o9", "--limit", "3", "--database-url", database_url, columns=columns)
+    listed = cli_json("events", "o9", "--limit", "3", "--database-url", database_url)["events"]
+    assert all(any(f"│ {e['id']} " in line for line in screen.splitlines()) for e in listed), screen
+    screen = on_terminal("watch", "--iterations", "3", "--interval", "0.3", "--limit", "40", "--database-url",
+                         database_url, columns=columns, lines=20)
+    assert all(screen.count(f"row-{n:02d}") >= 3 for n in range(30)), screen
 
 
 def test_messages_are_one_line_when_piped(filled):
