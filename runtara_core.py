@@ -1127,22 +1127,29 @@ def _apply_migration(tx: Tx, version: int, name: str, sql: str) -> bool:
 
 
 class ReadThreads:
-    """Threads that run reads. Daemons, unlike concurrent.futures' threads (which the interpreter joins at
-    exit), so that a read stuck on a database that never answers cannot keep the process from exiting."""
+    """Threads that run reads, made as they are needed up to `size`. Daemons, unlike concurrent.futures'
+    threads (which the interpreter joins at exit), so that a read stuck on a database that never answers
+    cannot keep the process from exiting."""
 
     def __init__(self, size: int, name: str):
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._size, self._name = size, name
+        self._idle = threading.Semaphore(0)  # released by each thread as it waits for a call
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
         self._closed = False
-        self._threads = [threading.Thread(target=self._run, name=f"{name}-{n}", daemon=True) for n in range(size)]
-        for thread in self._threads:
-            thread.start()
 
     def submit(self, fn: Callable, *args) -> concurrent.futures.Future:
         future = concurrent.futures.Future()
-        if self._closed:
-            future.set_exception(StorageError("the database is closed"))
-        else:
+        with self._lock:
+            if self._closed:
+                future.set_exception(StorageError("the database is closed"))
+                return future
             self._calls.put((future, fn, args))
+            if not self._idle.acquire(blocking=False) and len(self._threads) < self._size:
+                thread = threading.Thread(target=self._run, name=f"{self._name}-{len(self._threads)}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
         return future
 
     def _run(self):
@@ -1153,16 +1160,19 @@ class ReadThreads:
                     future.set_result(fn(*args))
                 except BaseException as exc:
                     future.set_exception(exc)
+            self._idle.release()
 
     def shutdown(self, timeout: float) -> bool:
         """Let the reads queued finish, for at most `timeout` seconds; whether they all did."""
-        self._closed = True
-        for _ in self._threads:
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        for _ in threads:
             self._calls.put(None)
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
+        for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        return not any(thread.is_alive() for thread in self._threads)
+        return not any(thread.is_alive() for thread in threads)
 
 
 class Storage:
