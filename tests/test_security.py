@@ -515,6 +515,25 @@ def test_hundreds_of_handshakes_at_once(server_process):
     assert run(answered(port)) and process.poll() is None
 
 
+def test_an_idle_connection_keeps_no_handshake_buffers_and_shares_its_frame_table(server):
+    """Memory per connection (issue 16): the 48 KB of TLS handshake buffers go once the handshake is done, and
+    the sets of packet epochs in aioquic's frame table are one copy for all connections."""
+    async def scenario():
+        transports = [rc.QuicTransport(*server.address) for _ in range(2)]
+        for transport in transports:
+            assert (await transport.request({"op": "health_check"}))["healthy"]
+        first, second = list(server.server.connections)
+        for connection in (first, second):
+            assert [buffer.capacity for buffer in connection._quic._crypto_buffers.values()] == [0, 0, 0]
+        tables = [connection._quic._QuicConnection__frame_handlers for connection in (first, second)]
+        assert all(tables[0][kind][1] is tables[1][kind][1] for kind in tables[0])
+        for transport in transports:  # and they still answer
+            assert (await transport.request({"op": "health_check"}))["healthy"]
+            await transport.close()
+
+    run(scenario())
+
+
 def test_stream_buffers_are_freed_on_finish_reset_and_close(server):
     held = lambda: sum(connection.buffered for connection in list(server.server.connections))  # noqa: E731
 
