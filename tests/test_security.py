@@ -534,6 +534,29 @@ def test_an_idle_connection_keeps_no_handshake_buffers_and_shares_its_frame_tabl
     run(scenario())
 
 
+def test_handshake_messages_after_the_handshake_close_only_that_connection(server):
+    """The server keeps no handshake buffers once the handshake is done: a peer that sends handshake messages
+    afterwards has its connection closed, and the server serves everyone else."""
+    from aioquic.tls import Epoch
+
+    async def scenario():
+        hostile, other = rc.QuicTransport(*server.address), rc.QuicTransport(*server.address)
+        protocol = await hostile._connection()
+        assert (await other.request({"op": "health_check"}))["healthy"]
+        quic = protocol._quic
+        for message in (b"\x04\x00\x00\x00", b"\x01\x00\x00\x04junk"):  # a session ticket, a client hello
+            quic._crypto_streams[Epoch.ONE_RTT].sender.write(message)
+        protocol.transmit()
+        await asyncio.wait_for(protocol.wait_closed(), 5)
+        assert quic._close_event is not None and quic._close_event.error_code >= 0x100  # a TLS alert
+        assert (await other.request({"op": "health_check"}))["healthy"]
+        assert len(server.server.connections) == 1
+        await other.close()
+        await hostile.close()
+
+    run(scenario())
+
+
 def test_stream_buffers_are_freed_on_finish_reset_and_close(server):
     held = lambda: sum(connection.buffered for connection in list(server.server.connections))  # noqa: E731
 
