@@ -2487,6 +2487,12 @@ def _frame_protocol():
     from aioquic.tls import Epoch
 
     class FrameProtocol(QuicConnectionProtocol):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # Neither end changes its address on purpose, so each asks the other for two connection ids,
+            # RFC 9000's minimum, not aioquic's eight: six fewer ids and routing entries (3 KB) a connection.
+            self._quic._local_active_connection_id_limit = 2
+
         def send_frame(self, stream_id: int, frame: bytes) -> None:
             """Send a whole frame on a stream, with the ACK this end owes the peer in the same datagram.
 
@@ -2506,9 +2512,33 @@ def _frame_protocol():
 @functools.cache
 def _server_protocol():
     from aioquic.buffer import Buffer
+    from aioquic.quic.crypto import CryptoPair
     from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, StreamDataReceived, StreamReset
+    from aioquic.tls import AlertUnexpectedMessage, State
 
-    shared_epochs: dict[frozenset, frozenset] = {}
+    class FrameHandlers:
+        """What aioquic reads, for each frame type, from the table of handlers each connection builds: 33 bound
+        methods with the epochs each frame may come in, 5 KB a connection. One table of the functions serves
+        every connection instead; this view binds the connection's handler as a frame is read."""
+        __slots__ = ("connection", "table")
+
+        def __init__(self, connection, table: dict):
+            self.connection, self.table = connection, table
+
+        def __getitem__(self, frame_type: int):
+            handler, epochs = self.table[frame_type]
+            return handler.__get__(self.connection), epochs
+
+    class TLSAfterHandshake:
+        """What a server's TLS context is once the handshake is done: aioquic's own refuses every handshake
+        message then (this server sends no session tickets), and aioquic reads it for nothing else."""
+        state = State.SERVER_POST_HANDSHAKE
+
+        def handle_message(self, data: bytes, output: dict) -> None:
+            raise AlertUnexpectedMessage
+
+    shared_table: dict[int, tuple] = {}
+    tls_after_handshake, discarded_keys = TLSAfterHandshake(), CryptoPair()  # never set up: not valid
 
     class ServerProtocol(_frame_protocol()):
         """One client connection: one frame in and one frame out per bidirectional stream."""
@@ -2518,13 +2548,15 @@ def _server_protocol():
             # aioquic acknowledges a packet after 1 ms, but an answer waits for a commit: wait up to 15 ms
             # (under the 25 ms max_ack_delay aioquic advertises) so the ACK rides in the answer.
             self._quic._ack_delay = 0.015
-            # Memory: an idle connection costs aioquic about 71 KB. Each connection builds its own table of
-            # frame handlers, with a set of the packet epochs each frame may come in: 33 small sets, the same
-            # for every connection, so all connections share one copy (7 KB each). The handshake buffers go
-            # when the handshake is done (quic_event_received).
-            handlers = getattr(self._quic, "_QuicConnection__frame_handlers", {})
-            for frame_type, (handler, epochs) in handlers.items():
-                handlers[frame_type] = (handler, shared_epochs.setdefault(epochs, epochs))
+            # Memory: an idle connection cost aioquic about 71 KB. Its table of frame handlers is the same for
+            # every connection, so all share one (FrameHandlers); what only the handshake needed goes when it
+            # is done (shed_handshake_state).
+            handlers = getattr(self._quic, "_QuicConnection__frame_handlers", None)
+            if isinstance(handlers, dict):
+                if not shared_table:
+                    shared_table.update((frame_type, (handler.__func__, epochs))
+                                        for frame_type, (handler, epochs) in handlers.items())
+                self._quic._QuicConnection__frame_handlers = FrameHandlers(self._quic, shared_table)
             self.server = server
             self.session = Session()
             self.readers: dict[int, FrameReader] = {}
@@ -2534,6 +2566,7 @@ def _server_protocol():
             self.pool = server.untrusted if server.core.admin_token else server.trusted  # where they count
             self.open = True
             server.connections.add(self)
+            server.connection_changes += 1
             self.new_requests = False  # the datagram being read started requests
             self.transmit_timer: asyncio.TimerHandle | None = None
 
@@ -2564,18 +2597,32 @@ def _server_protocol():
                 self.drop(event.stream_id)
                 self.rejected.discard(event.stream_id)
             elif isinstance(event, HandshakeCompleted):
-                # aioquic keeps a 16 KiB buffer per epoch for the TLS messages this end sends, for the connection's
-                # life: 48 of the 71 KB. A server's TLS writes nothing once the handshake is done (it refuses any
-                # later handshake message), so empty buffers take their place.
-                buffers = getattr(self._quic, "_crypto_buffers", {})
-                for epoch in buffers:
-                    buffers[epoch] = Buffer(capacity=0)
+                self.shed_handshake_state()
             elif isinstance(event, ConnectionTerminated):
                 self.open = False
                 for stream_id in list(self.readers):
                     self.drop(stream_id)
                 self.rejected.clear()
                 self.server.connections.discard(self)
+                self.server.connection_changes += 1
+
+        def shed_handshake_state(self):
+            """aioquic keeps, for the connection's life, what only the handshake needed: a 16 KiB buffer per
+            epoch for the TLS messages this end sends (48 of the 71 KB), the TLS context with its key schedule
+            and key shares (6 KB, OpenSSL's part included), and the keys of the epochs it has discarded
+            (initial, handshake, and 0-RTT, which this server never accepts: 4 KB). A server's TLS writes
+            nothing once the handshake is done, so empty buffers, one TLS stand-in and one set of keys that
+            were never set up, all shared, take their place."""
+            quic = self._quic
+            buffers = getattr(quic, "_crypto_buffers", {})
+            for epoch in buffers:
+                buffers[epoch] = Buffer(capacity=0)
+            if hasattr(quic, "tls"):
+                quic.tls = tls_after_handshake
+            for keys in (getattr(quic, "_cryptos", {}), getattr(quic, "_cryptos_initial", {})):
+                for name, pair in keys.items():  # by epoch, and by QUIC version
+                    if not (pair.recv.is_valid() or pair.send.is_valid()):
+                        keys[name] = discarded_keys
 
         def data_received(self, stream_id: int, data: bytes, end: bool):
             if stream_id in self.rejected:
@@ -2904,6 +2951,16 @@ class Metrics(Observer):
             self._http.server_close()
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, which returns the free pages inside the heap to the system; None where the C
+    library has none (musl, macOS)."""
+    try:
+        import ctypes
+        return ctypes.CDLL(None).malloc_trim
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
 class Server:
     """The QUIC server over a storage (opened from the settings unless given), with the scheduler, and a
     Worker's in-process workflows when given: `async with Server(settings) as server:`, or `await start()`
@@ -2922,6 +2979,7 @@ class Server:
         self._tasks: set[asyncio.Task] = set()
         self._sweeper: asyncio.Task | None = None
         self.connections: set = set()
+        self.connection_changes = 0  # connections opened and closed, for _sweep
         # Unfinished requests of all connections: four maximal messages for those that showed a valid token
         # (or all, without authentication), and a pool of their own for the others.
         self.trusted = BytePool(4 * (self.settings.max_message_bytes + FRAME_HEADER.size))
@@ -2988,7 +3046,7 @@ class Server:
             launchers.append(self.worker.bind(self.core))
         self.scheduler = Scheduler(self.core, launchers, self.worker.executor if self.worker is not None else None)
         self.scheduler.start()
-        self._sweeper = asyncio.get_running_loop().create_task(self._reset_stalled())
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     RECEIVE_BUFFER = 4 * 2**20
 
@@ -3003,14 +3061,20 @@ class Server:
             log.warning("the UDP receive buffer is %d KiB, not the %d KiB asked for; under load packets may be"
                         " dropped (raise net.core.rmem_max)", granted // 1024, self.RECEIVE_BUFFER // 1024)
 
-    async def _reset_stalled(self):
-        """Every second, reset the unfinished requests that received nothing for the stall timeout: a peer
-        cannot hold its share of the buffers for ever."""
+    async def _sweep(self):
+        """Every second, reset the unfinished requests that received nothing for the stall timeout (a peer
+        cannot hold its share of the buffers for ever), and give the system back the heap pages that
+        connections opened or closed since the last sweep left free: glibc keeps them otherwise, and a burst
+        of TLS handshakes leaves about 12 KB of them per connection."""
         loop, timeout = asyncio.get_running_loop(), self.settings.stall_timeout_ms / 1000
+        trim, swept_after = _malloc_trim(), self.connection_changes
         while True:
             await asyncio.sleep(min(1.0, timeout))
             for connection in list(self.connections):
                 connection.reset_stalled(loop.time() - timeout)
+            if trim is not None and self.connection_changes != swept_after:
+                swept_after = self.connection_changes
+                trim(0)  # about 2 ms after 1,000 handshakes
 
     async def __aenter__(self) -> "Server":
         return await self.start()

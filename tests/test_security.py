@@ -515,18 +515,33 @@ def test_hundreds_of_handshakes_at_once(server_process):
     assert run(answered(port)) and process.poll() is None
 
 
-def test_an_idle_connection_keeps_no_handshake_buffers_and_shares_its_frame_table(server):
-    """Memory per connection (issue 16): the 48 KB of TLS handshake buffers go once the handshake is done, and
-    the sets of packet epochs in aioquic's frame table are one copy for all connections."""
+def test_an_idle_connection_keeps_no_handshake_state_and_shares_its_frame_table(server):
+    """Memory per connection (issue 16): what only the handshake needed (the TLS buffers and context, the keys
+    of discarded epochs) goes once it is done, two connection ids serve each way, and aioquic's table of frame
+    handlers is one table for all connections, which binds each connection's own."""
+    from aioquic.tls import Epoch
+
     async def scenario():
         transports = [rc.QuicTransport(*server.address) for _ in range(2)]
         for transport in transports:
             assert (await transport.request({"op": "health_check"}))["healthy"]
         first, second = list(server.server.connections)
         for connection in (first, second):
-            assert [buffer.capacity for buffer in connection._quic._crypto_buffers.values()] == [0, 0, 0]
+            quic = connection._quic
+            assert [buffer.capacity for buffer in quic._crypto_buffers.values()] == [0, 0, 0]
+            assert len(quic._host_cids) == 2 and len(quic._peer_cid_available) == 1
+            assert quic._cryptos[Epoch.ONE_RTT].send.is_valid()
+            assert not any(quic._cryptos[epoch].recv.is_valid() for epoch in (Epoch.INITIAL, Epoch.HANDSHAKE))
+        assert first._quic.tls is second._quic.tls
+        assert all(first._quic._cryptos[epoch] is second._quic._cryptos[epoch]
+                   for epoch in (Epoch.INITIAL, Epoch.ZERO_RTT, Epoch.HANDSHAKE))
         tables = [connection._quic._QuicConnection__frame_handlers for connection in (first, second)]
-        assert all(tables[0][kind][1] is tables[1][kind][1] for kind in tables[0])
+        assert tables[0].table is tables[1].table and len(tables[0].table) == 33
+        for connection, table in zip((first, second), tables):
+            handler, epochs = table[0x08]  # a STREAM frame
+            assert handler == connection._quic._handle_stream_frame and epochs is tables[0].table[0x08][1]
+        with pytest.raises(KeyError):  # what aioquic turns into "Unknown frame type"
+            tables[0][0x99]
         for transport in transports:  # and they still answer
             assert (await transport.request({"op": "health_check"}))["healthy"]
             await transport.close()
