@@ -549,9 +549,11 @@ def test_an_idle_connection_keeps_no_handshake_state_and_shares_its_frame_table(
     run(scenario())
 
 
-def test_handshake_messages_after_the_handshake_close_only_that_connection(server):
-    """The server keeps no handshake buffers once the handshake is done: a peer that sends handshake messages
-    afterwards has its connection closed, and the server serves everyone else."""
+@pytest.mark.parametrize("messages", [(b"\x04\x00\x00\x00", b"\x01\x00\x00\x04junk"), (b"\x04\x00",)],
+                         ids=["a session ticket and a client hello", "the start of a message"])
+def test_handshake_messages_after_the_handshake_close_only_that_connection(server, messages):
+    """The server keeps no TLS state once the handshake is done: a peer that sends handshake data afterwards,
+    even an incomplete message, has its connection closed, and the server serves everyone else."""
     from aioquic.tls import Epoch
 
     async def scenario():
@@ -559,7 +561,7 @@ def test_handshake_messages_after_the_handshake_close_only_that_connection(serve
         protocol = await hostile._connection()
         assert (await other.request({"op": "health_check"}))["healthy"]
         quic = protocol._quic
-        for message in (b"\x04\x00\x00\x00", b"\x01\x00\x00\x04junk"):  # a session ticket, a client hello
+        for message in messages:
             quic._crypto_streams[Epoch.ONE_RTT].sender.write(message)
         protocol.transmit()
         await asyncio.wait_for(protocol.wait_closed(), 5)
