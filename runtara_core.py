@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import gc
 import hashlib
 import hmac
 import ipaddress
@@ -3134,6 +3135,10 @@ class Server:
         for signum in (signal_module.SIGINT, signal_module.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         await self.start()
+        # What exists now (modules, the CLI, aioquic's tables) lives as long as this process. Frozen out of the
+        # collector's reach, it no longer makes each full collection stop the loop for about 30 ms, which
+        # with 64 instances was the p99 of a checkpoint.
+        gc.freeze()
         try:
             await stop.wait()
         finally:
