@@ -3135,9 +3135,9 @@ class Server:
         for signum in (signal_module.SIGINT, signal_module.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         await self.start()
-        # What exists now (modules, the CLI, aioquic's tables) lives as long as this process. Frozen out of the
-        # collector's reach, it no longer makes each full collection stop the loop for about 30 ms, which
-        # with 64 instances was the p99 of a checkpoint.
+        # What exists now (modules, the CLI, aioquic's tables; no garbage yet) lives as long as this process.
+        # Frozen out of the collector's reach, it no longer makes each full collection stop the loop for 30-40
+        # ms, which happened once in each benchmark run of 64 instances.
         gc.freeze()
         try:
             await stop.wait()
